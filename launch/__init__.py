@@ -1,0 +1,1 @@
+"""Thin entry points: parse config, call a function in the packages."""

@@ -1,0 +1,1 @@
+"""Model-family adapters: load a local diffusers folder, encode, predict, decode, train."""

@@ -1,0 +1,187 @@
+"""Weight-free verifiable reward for the toy shapes world (`models/toy/shapes.py`).
+
+`parse_scene` reads an image back into coloured objects (palette thresholding, connected
+components, template matching of the shape); `score` compares them with the prompt's
+`SceneSpec`, GenEval-style; `ShapesReward` wraps both for batches of generated images.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from models.toy.shapes import COLORS, SHAPES, SceneSpec, parse_caption, shape_mask
+
+# A pixel takes the nearest palette colour (black included) only within this RGB distance. The
+# closest two palette colours (red, yellow) are ~190 apart, so 90 never assigns a pixel ambiguously
+# while tolerating the colour drift of a generator.
+MAX_COLOR_DISTANCE = 90.0
+# Components smaller than this fraction of the image are noise: the smallest rendered object, a
+# triangle of side size/4, covers ~3% of the canvas.
+MIN_AREA_FRACTION = 0.01
+# A component whose best template IoU is below this is an "unknown" shape (a blob, merged objects).
+MIN_SHAPE_IOU = 0.7
+# Every shape in the world has a square box; a component much longer than wide is two merged
+# objects or a bar, which would otherwise fit a stretched template well.
+MAX_ASPECT_RATIO = 1.3
+# `position` holds when the centres are offset along the relation's axis by at least this fraction
+# of the larger box's extent on that axis. The renderer guarantees 0.5 (half the larger side);
+# 0.25 leaves slack for imperfect boxes while still rejecting side-by-side-ish layouts.
+RELATION_MARGIN = 0.25
+
+_PALETTE_NAMES = ("black", *COLORS)
+_PALETTE = np.array([(0, 0, 0), *COLORS.values()], dtype=np.float32)  # [5, 3]
+
+
+@dataclass(frozen=True)
+class DetectedObject:
+    """One object found in a scene.
+
+    color: a key of COLORS. shape: one of SHAPES, or "unknown" when no template fits.
+    centroid: pixel centroid (x, y). bbox: (x, y, width, height) in pixels. area: pixel count.
+    """
+
+    color: str
+    shape: str
+    centroid: tuple[float, float]
+    bbox: tuple[int, int, int, int]
+    area: int
+
+    @property
+    def center(self) -> tuple[float, float]:
+        """Centre of the bounding box; unlike the pixel centroid it does not sag for triangles."""
+        x, y, w, h = self.bbox
+        return x + w / 2, y + h / 2
+
+
+def _classify_shape(mask: np.ndarray) -> str:
+    """Best-IoU shape template fitted to the component's box; mask is bool [h, w] cropped to it."""
+    h, w = mask.shape
+    if max(h, w) > MAX_ASPECT_RATIO * min(h, w):
+        return "unknown"
+    ious = {}
+    for shape in SHAPES:
+        template = shape_mask(shape, w, h)
+        ious[shape] = (mask & template).sum() / (mask | template).sum()
+    best = max(ious, key=ious.get)
+    return best if ious[best] >= MIN_SHAPE_IOU else "unknown"
+
+
+def parse_scene(image: np.ndarray) -> list[DetectedObject]:
+    """Objects in a uint8 [H, W, 3] RGB image, ordered by colour, then by OpenCV label.
+
+    Raises ValueError for any other dtype or shape.
+    """
+    import cv2  # deferred: only the shapes reward needs OpenCV
+
+    if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
+        raise ValueError(f"parse_scene expects uint8 [H, W, 3], got {image.dtype} {image.shape}")
+    height, width = image.shape[:2]
+    dist = np.linalg.norm(image[:, :, None, :].astype(np.float32) - _PALETTE, axis=-1)  # [H, W, 5]
+    labels = np.where(dist.min(axis=-1) <= MAX_COLOR_DISTANCE, dist.argmin(axis=-1), -1)
+    min_area = MIN_AREA_FRACTION * height * width
+    objects = []
+    for index, name in enumerate(_PALETTE_NAMES[1:], start=1):
+        mask = (labels == index).astype(np.uint8)
+        # 4-connectivity: objects touching only at a corner stay separate.
+        n, comp, stats, centroids = cv2.connectedComponentsWithStats(mask, connectivity=4)
+        for k in range(1, n):  # label 0 is everything that is not this colour
+            x, y, w, h, area = (int(v) for v in stats[k])
+            if area < min_area:
+                continue
+            shape = _classify_shape(comp[y:y + h, x:x + w] == k)
+            cx, cy = (float(v) for v in centroids[k])
+            objects.append(DetectedObject(name, shape, (cx, cy), (x, y, w, h), area))
+    return objects
+
+
+def _relation_holds(relation: str, a: DetectedObject, b: DetectedObject) -> bool:
+    """Whether `a` is `relation` `b`, by box centres with the RELATION_MARGIN."""
+    (ax, ay), (bx, by) = a.center, b.center
+    horizontal = relation in ("left of", "right of")
+    offset = {"left of": bx - ax, "right of": ax - bx, "above": by - ay, "below": ay - by}[relation]
+    extent = max(a.bbox[2], b.bbox[2]) if horizontal else max(a.bbox[3], b.bbox[3])
+    return offset >= RELATION_MARGIN * extent
+
+
+def score(spec: SceneSpec, objects: list[DetectedObject]) -> dict[str, float]:
+    """Per-component scores in [0, 1] of detected `objects` against `spec`.
+
+    count: mean over requests of max(0, 1 - |n_detected - n| / n), counting exact colour+shape matches.
+    color: (fraction of requested colours seen) * (fraction of objects in a requested colour; 1 if none).
+    shape: fraction of requests with at least one object of the requested colour and shape.
+    position (position prompts only): 1 if some pair of best-matching objects (most
+        attributes matched, at least one) stands in the relation, else 0.
+    total: mean of the components above. correct: 1 iff counts are exact, there are no other
+        objects (unknown shapes included) and the relation holds, else 0.
+    """
+    def matches(request, obj) -> int:  # attributes in common: 0, 1 or 2
+        return (obj.color == request.color) + (obj.shape == request.shape)
+
+    n_found = [sum(matches(r, o) == 2 for o in objects) for r in spec.objects]
+    scores = {
+        "count": float(np.mean([max(0.0, 1 - abs(f - r.count) / r.count) for f, r in zip(n_found, spec.objects)])),
+        "shape": float(np.mean([f > 0 for f in n_found])),
+    }
+    wanted = {r.color for r in spec.objects}
+    seen = {o.color for o in objects}
+    in_wanted = np.mean([o.color in wanted for o in objects]) if objects else 1.0
+    scores["color"] = len(wanted & seen) / len(wanted) * float(in_wanted)
+    correct = all(f == r.count for f, r in zip(n_found, spec.objects))
+    correct = correct and len(objects) == sum(r.count for r in spec.objects)
+    if spec.kind == "position":
+        best = []
+        for r in spec.objects:
+            top = max((matches(r, o) for o in objects), default=0)
+            best.append([o for o in objects if top > 0 and matches(r, o) == top])
+        # No need to exclude a == b: an object is offset 0 from itself, so never in a relation.
+        holds = any(_relation_holds(spec.relation, a, b) for a in best[0] for b in best[1])
+        scores["position"] = float(holds)
+        correct = correct and holds  # with exact counts the best matches are the requested objects
+    scores["total"] = float(np.mean(list(scores.values())))
+    scores["correct"] = float(correct)
+    return scores
+
+
+COMPONENTS = ("count", "color", "shape", "position", "total", "correct")
+
+
+class ShapesReward:
+    """Reward for shapes-world prompts, from pixels, on CPU.
+
+    component: which score is the scalar "reward": "total" (dense, for training), "correct"
+    (GenEval-style strict accuracy) or any single component.
+    """
+
+    input_kind = "pixels"
+    differentiable = False
+
+    def __init__(self, component: str = "total") -> None:
+        if component not in COMPONENTS:
+            raise ValueError(f"component must be one of {COMPONENTS}, got {component!r}")
+        self.component = component
+
+    def __call__(self, images: torch.Tensor, prompts: list[str], metadata=None) -> dict[str, torch.Tensor]:
+        """Score images [B, 3, H, W] (float in [0, 1]) against `prompts` (B shapes-world captions).
+
+        Returns float32 [B] tensors on images.device: "reward" and every name in COMPONENTS;
+        "position" is NaN for rows whose prompt has no relation. `metadata` is ignored. Raises
+        ValueError on shape or length mismatch and on captions outside the grammar.
+        """
+        if images.ndim != 4 or images.shape[1] != 3 or not images.is_floating_point():
+            raise ValueError(f"images must be float [B, 3, H, W], got {images.dtype} {tuple(images.shape)}")
+        if len(prompts) != images.shape[0]:
+            raise ValueError(f"got {len(prompts)} prompts for {images.shape[0]} images")
+        specs = [parse_caption(p) for p in prompts]  # before the pixel work: fail fast on bad prompts
+        # Clamp because decoders overshoot [0, 1] slightly; round to match how images are saved.
+        pixels = (images.detach().float().clamp(0, 1) * 255).round().to(torch.uint8)
+        pixels = pixels.permute(0, 2, 3, 1).cpu().numpy()
+        rows = [score(spec, parse_scene(img)) for spec, img in zip(specs, pixels)]
+        out = {
+            name: torch.tensor([r.get(name, float("nan")) for r in rows], dtype=torch.float32, device=images.device)
+            for name in COMPONENTS
+        }
+        out["reward"] = out[self.component]
+        return out

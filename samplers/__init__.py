@@ -1,0 +1,1 @@
+"""Rollout math: SDE/ODE steps with exact per-step log-probs, model-agnostic."""

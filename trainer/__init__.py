@@ -1,0 +1,1 @@
+"""Training loops (one file per algorithm family), advantages, engine setup, checkpoints, logging."""

@@ -1,0 +1,160 @@
+"""Typed schemas of steerflow's own knobs, registered in Hydra's ConfigStore, and cross-field checks.
+
+``conf/train.yaml`` starts from the ``train_schema`` node below, so a typo in an override or a value
+of the wrong type fails at compose time with Hydra's message naming the key. Parts chosen by
+``_target_`` (model adapter, optimizer, rewards) are validated by their constructors' signatures.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from pathlib import Path
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, OmegaConf
+
+
+@dataclass
+class SamplerConfig:
+    """Rollout sampler (see samplers/flow_sde.py)."""
+
+    _target_: str = "samplers.flow_sde.FlowSDESampler"
+    noise_level: float = 0.7
+    window_start: int = 0
+    window_size: Optional[int] = None
+    log_prob_reduction: str = "mean"
+    num_steps: int = 10  # training rollouts
+    eval_num_steps: int = 10  # evaluation (always ODE)
+    guidance_scale: float = 4.5
+
+
+@dataclass
+class GRPOConfig:
+    """Flow-GRPO (Liu et al. 2025): group-relative advantages, clipped ratio per step, KL to reference."""
+
+    name: str = "grpo"
+    group_size: int = 8  # samples per prompt (G)
+    std_scope: str = "group"  # "group": per-prompt std; "global": std over the whole batch
+    adv_clip: float = 5.0
+    clip_range: float = 1e-4
+    kl_beta: float = 0.04
+    timestep_fraction: float = 1.0  # share of stochastic steps trained per sample
+    inner_epochs: int = 1
+    max_grad_norm: float = 1.0
+
+
+@dataclass
+class DataConfig:
+    """Where prompts come from. ``prompts`` is a text file (one prompt per line) or a built-in set."""
+
+    prompts: str = MISSING
+    eval_prompts: str = MISSING
+    prompts_per_step: int = 8  # unique prompts per iteration, across all ranks
+    eval_size: int = 64  # held-out prompts evaluated (0 = all)
+
+
+@dataclass
+class TrainLoopConfig:
+    steps: int = 20
+    micro_batch: int = 8  # samples per forward/backward (and per rollout chunk)
+    eval_every: int = 0  # 0 = only before and after
+    eval_batch: int = 32
+    save_every: int = 0  # 0 = only at the end
+    grid_every: int = 5
+    num_threads: int = 0  # torch threads per process on CPU; 0 = cores / local processes
+    device: str = "auto"  # "auto" | "cpu" | "cuda"
+    progress: bool = True
+
+
+@dataclass
+class LoggerConfig:
+    backend: str = "wandb"  # "wandb" | "none"
+    mode: str = "offline"  # wandb mode: offline needs no network; "online" to sync
+    project: str = "steerflow"
+    entity: Optional[str] = None
+
+
+@dataclass
+class DeepSpeedConfig:
+    zero_stage: int = 0
+    precision: str = "auto"  # "auto": bf16 on GPU, fp32 on CPU | "fp32" | "bf16"
+    backend: str = "auto"  # "auto": nccl on GPU, gloo on CPU
+
+
+@dataclass
+class TrainConfig:
+    exp_name: str = "default"
+    seed: int = 0
+    run_dir: Optional[str] = None  # default: runs/<exp_name>-<hash of result-changing overrides>
+    model: Any = MISSING
+    sampler: SamplerConfig = field(default_factory=SamplerConfig)
+    algorithm: GRPOConfig = field(default_factory=GRPOConfig)
+    optimizer: Any = MISSING
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    train: TrainLoopConfig = field(default_factory=TrainLoopConfig)
+    rewards: dict = field(default_factory=dict)
+    eval_rewards: dict = field(default_factory=dict)
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def register() -> None:
+    """Register the schema and the ``${sf.root:}`` resolver (the steerflow source tree, for shipped assets)."""
+    cs = ConfigStore.instance()
+    cs.store(name="train_schema", node=TrainConfig)
+    if not OmegaConf.has_resolver("sf.root"):
+        OmegaConf.register_new_resolver("sf.root", lambda: str(ROOT))
+
+
+class ConfigError(ValueError):
+    """Every cross-field violation at once, each with the values and the fix."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = problems
+        super().__init__("invalid config:\n  - " + "\n  - ".join(problems))
+
+
+def validate(cfg: TrainConfig, world_size: int) -> None:
+    """Check rules that span fields before any heavy work; raise ConfigError listing all violations."""
+    p: list[str] = []
+    a, t, d, s = cfg.algorithm, cfg.train, cfg.data, cfg.sampler
+    total = d.prompts_per_step * a.group_size
+    if total % (world_size * t.micro_batch):
+        p.append(
+            f"data.prompts_per_step ({d.prompts_per_step}) * algorithm.group_size ({a.group_size}) = {total} must be "
+            f"divisible by world_size ({world_size}) * train.micro_batch ({t.micro_batch}); change one of them"
+        )
+    if a.group_size < 2:
+        p.append(f"algorithm.group_size ({a.group_size}) must be >= 2: a group of one has no relative advantage")
+    if not 0 < a.timestep_fraction <= 1:
+        p.append(f"algorithm.timestep_fraction ({a.timestep_fraction}) must be in (0, 1]")
+    if a.std_scope not in ("group", "global"):
+        p.append(f"algorithm.std_scope ({a.std_scope!r}) must be 'group' or 'global'")
+    if s.noise_level <= 0:
+        p.append(f"sampler.noise_level ({s.noise_level}) must be > 0 for GRPO: with no noise there is no log-prob to train")
+    if s.window_start < 0 or s.window_start >= s.num_steps:
+        p.append(f"sampler.window_start ({s.window_start}) must be in [0, sampler.num_steps={s.num_steps})")
+    if s.window_size is not None and s.window_size < 1:
+        p.append(f"sampler.window_size ({s.window_size}) must be >= 1 or null (all steps)")
+    if s.log_prob_reduction not in ("mean", "sum"):
+        p.append(f"sampler.log_prob_reduction ({s.log_prob_reduction!r}) must be 'mean' or 'sum'")
+    if not cfg.rewards:
+        p.append("rewards is empty: add one, e.g. +reward@rewards.shapes=shapes")
+    for name, r in {**cfg.rewards, **cfg.eval_rewards}.items():
+        if not isinstance(r, dict) or "_target_" not in r:
+            p.append(f"rewards.{name} needs a _target_ (got {r!r})")
+    for name, r in cfg.rewards.items():
+        if isinstance(r, dict) and not isinstance(r.get("weight", 1.0), (int, float)):
+            p.append(f"rewards.{name}.weight must be a number, got {r.get('weight')!r}")
+    if cfg.logger.backend not in ("wandb", "none"):
+        p.append(f"logger.backend ({cfg.logger.backend!r}) must be 'wandb' or 'none'")
+    if cfg.deepspeed.zero_stage not in (0, 1, 2, 3):
+        p.append(f"deepspeed.zero_stage ({cfg.deepspeed.zero_stage}) must be 0, 1, 2 or 3")
+    if t.steps < 0:
+        p.append(f"train.steps ({t.steps}) must be >= 0")
+    if p:
+        raise ConfigError(p)

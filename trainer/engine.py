@@ -1,0 +1,39 @@
+"""DeepSpeed engine around the policy's trainable network."""
+from __future__ import annotations
+
+import torch
+from hydra.utils import instantiate
+
+
+def deepspeed_config(ds_cfg, micro_batch: int, grad_accum: int, world_size: int, max_grad_norm: float, device: torch.device) -> dict:
+    """The DeepSpeed JSON config derived from steerflow's typed knobs (never written by hand)."""
+    precision = ds_cfg.precision
+    if precision == "auto":
+        precision = "bf16" if device.type == "cuda" else "fp32"
+    return {
+        "train_micro_batch_size_per_gpu": micro_batch,
+        "gradient_accumulation_steps": grad_accum,
+        "train_batch_size": micro_batch * grad_accum * world_size,
+        "gradient_clipping": max_grad_norm,
+        "zero_optimization": {"stage": ds_cfg.zero_stage},
+        "bf16": {"enabled": precision == "bf16"},
+        "steps_per_print": 1 << 30,  # steerflow logs; DeepSpeed's own prints would interleave with the bar
+        "wall_clock_breakdown": False,
+    }
+
+
+def build_engine(policy, optimizer_cfg, ds_cfg, micro_batch: int, grad_accum: int, world_size: int, max_grad_norm: float):
+    """Wrap ``policy.transformer`` in a DeepSpeed engine with the configured torch optimizer.
+
+    ``optimizer_cfg`` is a Hydra node with ``_partial_: true`` (e.g. torch.optim.AdamW); it gets the
+    trainable parameters only (LoRA adapters, or everything for full fine-tuning).
+    """
+    import deepspeed
+
+    params = [p for p in policy.transformer.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("the policy has no trainable parameters; check model.finetune and model.lora_targets")
+    optimizer = instantiate(optimizer_cfg)(params)
+    config = deepspeed_config(ds_cfg, micro_batch, grad_accum, world_size, max_grad_norm, policy.device)
+    engine, optimizer, _, _ = deepspeed.initialize(model=policy.transformer, optimizer=optimizer, config=config)
+    return engine, optimizer

@@ -1,0 +1,211 @@
+"""GRPO for flow-matching generators (Flow-GRPO, Liu et al. 2025), read top to bottom.
+
+One iteration, on every rank of one process group:
+  draw prompts -> roll out G samples each (SDE) -> score -> group-relative advantages (gathered
+  across ranks by prompt id) -> for each chunk and trained step: recompute the log-prob on the stored
+  trajectory, clipped ratio loss + KL to the reference -> DeepSpeed backward/step -> log, evaluate,
+  checkpoint.
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+from tqdm import tqdm
+
+from rewards.ensemble import RewardEnsemble
+from samplers.flow_sde import FlowSDESampler
+from trainer.advantages import distributed_group_advantages
+from trainer.checkpoint import save_checkpoint
+from trainer.config import TrainConfig
+from trainer.distributed import World, all_reduce_sum, global_nanmean
+from trainer.engine import build_engine
+from trainer.evaluate import evaluate
+from trainer.metrics import MetricsWriter, save_grid
+from trainer.prompts import load_prompts, step_prompt_ids
+from trainer.rng import STREAM_ROLLOUT, STREAM_TRAIN, generator
+from trainer.rollout import rollout_chunks
+
+
+def grpo_loss(
+    log_prob: torch.Tensor, old_log_prob: torch.Tensor, advantages: torch.Tensor, clip_range: float,
+    mean: torch.Tensor | None = None, ref_mean: torch.Tensor | None = None, std: torch.Tensor | None = None,
+    kl_beta: float = 0.0,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Clipped-ratio policy loss for one step of a chunk, plus beta * KL to the reference.
+
+    Args:
+      log_prob [B] (with grad), old_log_prob [B] (rollout), advantages [B].
+      mean, ref_mean [B, *L]: transition means under the policy and the reference; std [B] the
+        shared transition std. The KL of two Gaussians with equal std is |mu - mu_ref|^2 / (2 std^2)
+        per element; averaged over elements like the log-prob.
+    Returns: (loss scalar, stats: pg_loss, kl, clip_frac, log_ratio_abs_max — all detached).
+    """
+    log_ratio = log_prob - old_log_prob
+    ratio = torch.exp(log_ratio)
+    unclipped = -advantages * ratio
+    clipped = -advantages * torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range)
+    pg_loss = torch.maximum(unclipped, clipped).mean()
+    kl = torch.zeros((), device=log_prob.device)
+    if kl_beta > 0:
+        kl = (((mean - ref_mean) ** 2).flatten(1).mean(1) / (2 * std**2)).mean()
+    loss = pg_loss + kl_beta * kl
+    stats = {
+        "pg_loss": pg_loss.detach(),
+        "kl": kl.detach(),
+        "clip_frac": ((ratio - 1).abs() > clip_range).float().mean().detach(),
+        "log_ratio_abs_max": log_ratio.abs().max().detach(),
+    }
+    return loss, stats
+
+
+def _global_means(sums: dict[str, torch.Tensor], count: float) -> dict[str, float]:
+    """Mean over all ranks of quantities each rank summed over ``count`` items (equal counts per rank)."""
+    if not sums:
+        return {}
+    keys = sorted(sums)
+    packed = torch.stack([sums[k].detach().float().cpu().reshape(()) for k in keys] + [torch.tensor(float(count))])
+    packed = all_reduce_sum(packed)
+    return {k: (packed[i] / packed[-1]).item() for i, k in enumerate(keys)}
+
+
+def _reward_values(result) -> dict[str, torch.Tensor]:
+    """Per-sample reward tensors [N_local] keyed by metric name."""
+    values = {"reward/total": result.total}
+    values.update({f"reward/{name}": r for name, r in result.per_reward.items()})
+    values.update({f"reward/{key}": c for key, c in result.components.items()})
+    return values
+
+
+def train(cfg: TrainConfig, world: World, run_dir: Path, resolved_yaml: str) -> dict:
+    """Run GRPO as configured; returns the summary written to ``run_dir/summary.json``."""
+    t_start = time.time()
+    algo, tcfg = cfg.algorithm, cfg.train
+    # Seeded before the model is built: LoRA's random init draws from the global generator.
+    torch.manual_seed(cfg.seed)
+    policy = instantiate(cfg.model, device=str(world.device), needs_reference=algo.kl_beta > 0)
+    sampler: FlowSDESampler = instantiate(asdict(cfg.sampler))
+    eval_sampler = FlowSDESampler(noise_level=0.0, num_steps=sampler.eval_num_steps, guidance_scale=sampler.guidance_scale)
+    prompts = load_prompts(cfg.data.prompts)
+    eval_prompts = load_prompts(cfg.data.eval_prompts, "data.eval_prompts")
+    if cfg.data.eval_size:
+        eval_prompts = eval_prompts[: cfg.data.eval_size]
+    rewards = RewardEnsemble(cfg.rewards)
+    eval_rewards = RewardEnsemble(cfg.eval_rewards) if cfg.eval_rewards else None
+
+    P, G = cfg.data.prompts_per_step, algo.group_size
+    n_local = P * G // world.world_size
+    n_chunks = n_local // tcfg.micro_batch
+    n_stochastic = int(sampler.stochastic_steps(sampler.num_steps).sum())
+    n_train_steps = max(1, round(algo.timestep_fraction * n_stochastic))
+    engine, optimizer = build_engine(
+        policy, cfg.optimizer, cfg.deepspeed, tcfg.micro_batch, n_chunks * n_train_steps, world.world_size, algo.max_grad_norm
+    )
+    writer = MetricsWriter(run_dir, cfg.logger, OmegaConf.to_container(OmegaConf.create(resolved_yaml)), world.is_main)
+    h, w = policy.height, policy.width
+
+    def run_eval(step: int) -> dict[str, float]:
+        metrics = evaluate(
+            policy, eval_sampler, [rewards] + ([eval_rewards] if eval_rewards else []), eval_prompts, world,
+            cfg.seed, tcfg.eval_batch, h, w, grid_path=run_dir / "samples" / f"eval_{step:06d}.png",
+        )
+        writer.log(step, metrics)
+        return metrics
+
+    summary = {"run_dir": str(run_dir), "eval_before": run_eval(0)}
+    bar = tqdm(total=tcfg.steps, desc="grpo", disable=not (world.is_main and tcfg.progress), dynamic_ncols=True)
+    for step in range(tcfg.steps):
+        t0 = time.time()
+        # --- which samples this rank owns: the global list is P prompts x G samples, rank-major.
+        step_ids = step_prompt_ids(len(prompts), P, step, cfg.seed)
+        global_pids, global_sids = step_ids.repeat_interleave(G), torch.arange(G).repeat(P)
+        own = slice(world.rank * n_local, (world.rank + 1) * n_local)
+        pids, sids = global_pids[own], global_sids[own]
+
+        # --- rollout
+        chunks, images = rollout_chunks(
+            policy, sampler, prompts, pids, sids, (cfg.seed, STREAM_ROLLOUT, step), sampler.num_steps,
+            sampler.guidance_scale, tcfg.micro_batch, h, w,
+        )
+        t_rollout = time.time()
+
+        # --- rewards and advantages (groups may span ranks: gathered inside)
+        local_prompts = [prompts[int(p)] for p in pids]
+        scored = rewards(images, local_prompts)
+        adv = distributed_group_advantages(scored.total, pids, world.rank, algo.std_scope)
+        adv = adv.clamp(-algo.adv_clip, algo.adv_clip).to(policy.device)
+        t_reward = time.time()
+
+        # --- policy update: one optimizer step per inner epoch (DeepSpeed accumulates over
+        # chunks x trained steps and steps the optimizer at the boundary).
+        g = generator(cfg.seed, STREAM_TRAIN, step)
+        stat_sums: dict[str, torch.Tensor] = {}
+        n_micro = 0
+        onpolicy_dev = torch.zeros(())
+        for epoch in range(algo.inner_epochs):
+            for ci in torch.randperm(n_chunks, generator=g).tolist():
+                traj = chunks[ci]
+                a = adv[ci * tcfg.micro_batch : (ci + 1) * tcfg.micro_batch]
+                cond = policy.encode([prompts[int(p)] for p in traj.prompt_ids])
+                stochastic = traj.stochastic[0].nonzero().flatten()
+                for j in stochastic[torch.randperm(len(stochastic), generator=g)[:n_train_steps]].tolist():
+                    ref_mean = None
+                    if algo.kl_beta > 0:
+                        with torch.no_grad(), policy.reference():
+                            _, ref_mean, _ = sampler.step(
+                                lambda x, s, c: policy.predict(x, s, c, sampler.guidance_scale), traj.latents[:, j],
+                                traj.sigmas, j, cond, True,
+                            )
+                    log_prob, mean, std = sampler.log_prob(
+                        lambda x, s, c: policy.predict(x, s, c, sampler.guidance_scale), traj, j, cond
+                    )
+                    loss, stats = grpo_loss(
+                        log_prob, traj.log_probs[:, j], a, algo.clip_range, mean, ref_mean, std, algo.kl_beta
+                    )
+                    engine.backward(loss)
+                    engine.step()
+                    if epoch == 0:
+                        # Nothing has been updated during the first epoch: the ratio must be exactly 1.
+                        onpolicy_dev = torch.maximum(onpolicy_dev, stats["log_ratio_abs_max"].cpu())
+                    stats["loss"] = loss.detach()
+                    for k, v in stats.items():
+                        if k != "log_ratio_abs_max":
+                            stat_sums[f"train/{k}"] = stat_sums.get(f"train/{k}", 0) + v.cpu()
+                    n_micro += 1
+        t_train = time.time()
+
+        metrics = global_nanmean(_reward_values(scored))
+        metrics.update(_global_means(stat_sums, n_micro))
+        metrics["train/onpolicy_log_ratio_max"] = float(all_reduce_sum(onpolicy_dev.reshape(1))[0])
+        metrics["train/grad_norm"] = float(engine.get_global_grad_norm() or 0.0)
+        metrics["train/lr"] = optimizer.param_groups[0]["lr"]
+        metrics.update({
+            "time/rollout": t_rollout - t0, "time/reward": t_reward - t_rollout, "time/train": t_train - t_reward,
+            "time/step": t_train - t0, "throughput/images_per_s": P * G / (t_train - t0),
+        })
+        writer.log(step + 1, metrics)
+        if world.is_main and tcfg.grid_every and (step % tcfg.grid_every == 0 or step == tcfg.steps - 1):
+            k = min(16, len(local_prompts))
+            caps = [f"{local_prompts[i]} | r={scored.total[i]:.2f}" for i in range(k)]
+            writer.log_image(step + 1, "samples/train", save_grid(images[:k], caps, run_dir / "samples" / f"train_{step + 1:06d}.png"))
+        if tcfg.eval_every and (step + 1) % tcfg.eval_every == 0 and step + 1 < tcfg.steps:
+            run_eval(step + 1)
+        if tcfg.save_every and (step + 1) % tcfg.save_every == 0 and step + 1 < tcfg.steps:
+            save_checkpoint(engine, policy, run_dir, step + 1, resolved_yaml, world)
+        bar.set_postfix(reward=f"{metrics['reward/total']:.3f}", kl=f"{metrics['train/kl']:.2e}", refresh=False)
+        bar.update(1)
+    bar.close()
+
+    summary["eval_after"] = run_eval(tcfg.steps)
+    summary["checkpoint"] = str(save_checkpoint(engine, policy, run_dir, tcfg.steps, resolved_yaml, world))
+    summary["steps"] = tcfg.steps
+    summary["wall_time_s"] = time.time() - t_start
+    if world.is_main:
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    writer.close()
+    return summary
