@@ -46,4 +46,6 @@ def main(cfg: PretrainConfig) -> None:
 
 
 if __name__ == "__main__":
+    # Hydra writes no folder or log of its own here: the outputs are the snapshots in `out`.
+    sys.argv += ["hydra.run.dir=.", "hydra.output_subdir=null", "hydra/job_logging=stdout"]
     main()
