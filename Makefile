@@ -1,0 +1,30 @@
+# Two commands do all the set-up on a fresh machine (Python 3.10+, no GPU needed):
+#   make train   - create .venv, install, run the embedded default job (GRPO on the toy, CPU, ~4 min)
+#   make test    - create .venv, install, run the test suite (what CI runs)
+# TORCH picks the torch build: the default is the CPU wheel; on a CUDA machine use e.g. `make TORCH=torch train`.
+PYTHON ?= python3
+TORCH ?= torch==2.13.0
+VENV := .venv
+ARGS ?=
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install -q --upgrade pip
+	$(VENV)/bin/pip install -q "$(TORCH)"
+	$(VENV)/bin/pip install -q -e ".[dev]"
+	touch $@
+
+.PHONY: install train test test-all bench
+install: $(VENV)/.installed
+
+train: $(VENV)/.installed
+	$(VENV)/bin/python -m launch.train $(ARGS)
+
+test: $(VENV)/.installed
+	$(VENV)/bin/python -m pytest $(ARGS)
+
+test-all: $(VENV)/.installed
+	$(VENV)/bin/python -m pytest -m "slow or not slow" $(ARGS)
+
+bench: $(VENV)/.installed
+	$(VENV)/bin/python bench/throughput.py $(ARGS)
