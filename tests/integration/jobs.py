@@ -1,0 +1,36 @@
+"""Run the real CLI in a subprocess, the way users launch jobs, and read its outputs."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+# A small, fast GRPO job on the shipped toy (about 10 s per step on one thread).
+SMALL = [
+    "data.prompts_per_step=4", "algorithm.group_size=4", "train.micro_batch=8", "data.eval_size=16",
+    "logger=none", "train.progress=false", "train.num_threads=1", "train.eval_batch=16",
+]
+
+
+def run(cmd: list[str], timeout: int = 900, threads: int = 1) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "TOKENIZERS_PARALLELISM": "false", "WANDB_MODE": "offline"}
+    env.pop("RANK", None)
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    if proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
+    return proc
+
+
+def train(run_dir: Path, *overrides: str, launcher: list[str] | None = None, timeout: int = 900) -> list[dict]:
+    """Run a training job into run_dir and return its metrics.jsonl rows."""
+    launcher = launcher or [sys.executable, "-m", "launch.train"]
+    run([*launcher, f"run_dir={run_dir}", *SMALL, *overrides], timeout=timeout)
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def step_rows(rows: list[dict]) -> list[dict]:
+    return [r for r in rows if "train/loss" in r]

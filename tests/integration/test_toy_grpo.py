@@ -1,0 +1,67 @@
+"""Whole GRPO jobs on the shipped toy through the real CLI."""
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import pytest
+from safetensors.torch import load_file
+
+from jobs import ROOT, run, step_rows, train
+
+GOLDEN = ROOT / "tests" / "integration" / "golden" / "toy_grpo_first_steps.json"
+GOLDEN_KEYS = ("reward/total", "train/loss", "train/pg_loss", "train/kl", "train/clip_frac")
+
+
+def test_short_run_outputs_and_golden_numbers(tmp_path):
+    """Three steps: every promised output exists, the ratio is exactly 1 on-policy, and the first
+    steps reproduce the golden numbers (regenerate: STEERFLOW_REGEN_GOLDEN=1, and say why in the commit)."""
+    rows = train(tmp_path, "train.steps=3", "train.grid_every=1")
+    steps = step_rows(rows)
+    assert [r["step"] for r in steps] == [1, 2, 3]
+    for r in steps:
+        assert r["train/onpolicy_log_ratio_max"] == 0.0, "recomputed log-prob differs from the rollout's"
+        assert {"reward/shapes", "reward/shapes/count", "time/rollout", "throughput/images_per_s"} <= set(r)
+    # LoRA starts with B = 0, so until the first optimizer step the policy IS the reference.
+    assert steps[0]["train/kl"] == 0.0
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert set(summary) >= {"eval_before", "eval_after", "checkpoint", "wall_time_s"}
+    assert "eval/geneval" in summary["eval_before"]
+    ckpt = tmp_path / "checkpoints" / "step_000003"
+    assert (ckpt / "policy.safetensors").is_file() and (ckpt / "config.yaml").is_file()
+    assert all("lora" in k for k in load_file(str(ckpt / "policy.safetensors")))
+    assert sorted(p.name for p in (tmp_path / "samples").glob("*.png")) == [
+        "eval_000000.png", "eval_000003.png", "train_000001.png", "train_000002.png", "train_000003.png"]
+    assert (tmp_path / "config.yaml").read_text().count("_target_: models.sd3.SD3Policy") == 1
+
+    got = {f"{r['step']}/{k}": r[k] for r in steps[:2] for k in GOLDEN_KEYS}
+    if os.environ.get("STEERFLOW_REGEN_GOLDEN"):
+        GOLDEN.write_text(json.dumps(got, indent=2) + "\n")
+    want = json.loads(GOLDEN.read_text())
+    assert got.keys() == want.keys()
+    for k in want:
+        assert got[k] == pytest.approx(want[k], rel=1e-4, abs=1e-7), k
+
+
+def test_sample_from_checkpoint(tmp_path):
+    train(tmp_path / "run", "train.steps=1")
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle\ntwo blue squares\n")
+    run([sys.executable, "-m", "launch.sample", f"checkpoint={tmp_path / 'run/checkpoints/step_000001'}",
+         f"prompts={prompts}", f"out={tmp_path / 'out'}", "num_per_prompt=2"])
+    index = [json.loads(line) for line in (tmp_path / "out" / "index.jsonl").read_text().splitlines()]
+    assert [(r["prompt"], r["sample"]) for r in index] == [
+        ("a red circle", 0), ("a red circle", 1), ("two blue squares", 0), ("two blue squares", 1)]
+    assert all((tmp_path / "out" / r["file"]).is_file() for r in index)
+    assert len({r["seed"] for r in index}) == 4
+
+
+@pytest.mark.slow
+def test_default_job_improves_heldout_score(tmp_path):
+    """The README's main job: GRPO raises the held-out strict accuracy of the shipped base."""
+    run([sys.executable, "-m", "launch.train", f"run_dir={tmp_path}", "logger=none", "train.progress=false"],
+        timeout=900, threads=2)
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    before, after = summary["eval_before"]["eval/geneval"], summary["eval_after"]["eval/geneval"]
+    assert after > before + 0.05, (before, after)
