@@ -46,6 +46,12 @@ def _main(dcfg: DictConfig) -> None:
     validate(cfg, world.world_size)
     set_threads(cfg.train.num_threads, world)
     run_dir = Path(cfg.run_dir) if cfg.run_dir else default_run_dir(cfg.exp_name, list(HydraConfig.get().overrides.task))
+    if (run_dir / "metrics.jsonl").exists():
+        # Never append to or overwrite another run's outputs.
+        raise FileExistsError(
+            f"{run_dir} already holds a run (metrics.jsonl). Resuming is not implemented yet: pass run_dir=<new folder> "
+            f"or move {run_dir} away."
+        )
     run_dir.mkdir(parents=True, exist_ok=True)
     resolved = OmegaConf.to_yaml(dcfg, resolve=True)
     if world.is_main:
