@@ -1,0 +1,263 @@
+"""Config composition, schema checks and cross-field validation, exercised the way users hit them:
+``hydra.compose`` on the shipped ``conf/`` tree, and the real CLI in a subprocess."""
+
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.errors import HydraException
+from omegaconf import OmegaConf
+
+from launch.run_dir import default_run_dir
+from trainer.config import ConfigError, TrainConfig, register, validate
+
+REPO = Path(__file__).resolve().parents[3]
+CONF = REPO / "conf"
+EXPERIMENTS = sorted(CONF.glob("experiment/*.yaml"))
+
+register()
+
+
+def _compose(overrides=(), config_dir=CONF):
+    with initialize_config_dir(config_dir=str(config_dir), version_base="1.3"):
+        return compose("train", overrides=list(overrides))
+
+
+def _typed(overrides=(), config_dir=CONF) -> TrainConfig:
+    return OmegaConf.to_object(_compose(overrides, config_dir))
+
+
+def _leaves(node, prefix=""):
+    """{dotted key: value} for every leaf of a plain nested dict."""
+    out = {}
+    for k, v in node.items():
+        key = f"{prefix}{k}"
+        out.update(_leaves(v, key + ".") if isinstance(v, dict) else {key: v})
+    return out
+
+
+# --- the default job ---------------------------------------------------------------------------
+
+
+def test_default_composes_to_typed_config_and_validates():
+    cfg = _typed()
+    assert isinstance(cfg, TrainConfig)
+    assert cfg.exp_name == "toy_shapes_grpo"
+    assert set(cfg.rewards) == {"shapes"} and set(cfg.eval_rewards) == {"geneval"}
+    # The ${sf.root:} resolver points into this source tree, where the toy's assets ship.
+    assert Path(cfg.data.prompts).parent.parent == REPO / "models" / "toy"
+    validate(cfg, 1)
+
+
+# --- typos and wrong types fail at compose time, naming the key ------------------------------
+
+
+@pytest.mark.parametrize("override", ["optimizer.lrr=1", "sampler.noise_levl=0.5", "train.stepz=3", "algorithm.group_sise=4"])
+def test_unknown_key_is_a_compose_error_naming_it(override):
+    with pytest.raises(HydraException) as info:
+        _compose([override])
+    assert override.split("=")[0] in str(info.value)
+
+
+@pytest.mark.parametrize("override", ["train.steps=abc", "sampler.noise_level=high", "train.progress=maybe"])
+def test_wrong_type_is_a_compose_error_naming_it(override):
+    with pytest.raises(HydraException) as info:
+        _compose([override])
+    assert override.split("=")[0] in str(info.value)
+
+
+# --- cross-field validation --------------------------------------------------------------------
+
+
+def test_batch_sizes_must_divide_evenly_and_the_message_says_the_rule_values_and_fix():
+    cfg = _typed(["data.prompts_per_step=3", "algorithm.group_size=3", "train.micro_batch=4"])
+    with pytest.raises(ConfigError) as info:
+        validate(cfg, 1)
+    assert len(info.value.problems) == 1
+    msg = str(info.value)
+    for needle in ["data.prompts_per_step (3)", "algorithm.group_size (3)", "world_size (1)", "train.micro_batch (4)", "change"]:
+        assert needle in msg, needle
+    # 9 samples fit 1 rank x micro-batch 1, but not 2 ranks x 1.
+    validate(_typed(["data.prompts_per_step=3", "algorithm.group_size=3", "train.micro_batch=1"]), 1)
+    with pytest.raises(ConfigError, match=r"world_size \(2\)"):
+        validate(_typed(["data.prompts_per_step=3", "algorithm.group_size=3", "train.micro_batch=1"]), 2)
+
+
+def test_world_size_enters_the_batch_rule():
+    cfg = _typed(["data.prompts_per_step=8", "algorithm.group_size=8", "train.micro_batch=16"])
+    validate(cfg, 4)  # 64 = 4 ranks * 16
+    with pytest.raises(ConfigError, match=r"world_size \(3\)"):
+        validate(cfg, 3)
+
+
+def test_all_violations_are_reported_at_once():
+    overrides = {
+        "train.micro_batch=5": "data.prompts_per_step",  # 8 prompts * 1 sample is not a multiple of 5
+        "algorithm.group_size=1": "algorithm.group_size",
+        "algorithm.std_scope=batch": "algorithm.std_scope",
+        "algorithm.timestep_fraction=0": "algorithm.timestep_fraction",
+        "sampler.noise_level=0": "sampler.noise_level",
+        "sampler.log_prob_reduction=max": "sampler.log_prob_reduction",
+        "sampler.window_start=99": "sampler.window_start",
+        "sampler.window_size=0": "sampler.window_size",
+        "rewards.shapes.weight=heavy": "rewards.shapes.weight",
+        "logger.backend=tensorboard": "logger.backend",
+        "deepspeed.zero_stage=4": "deepspeed.zero_stage",
+        "train.steps=-1": "train.steps",
+    }
+    with pytest.raises(ConfigError) as info:
+        validate(_typed(list(overrides)), 1)
+    problems = info.value.problems
+    assert len(problems) == len(overrides), problems
+    for key in overrides.values():
+        assert sum(p.startswith(key + " ") for p in problems) == 1, (key, problems)
+
+
+# --- rewards are a dict keyed by name (DESIGN: Interfaces) ---------------------------------------
+
+
+def test_reward_weight_override():
+    cfg = _typed(["rewards.shapes.weight=0.5"])
+    assert cfg.rewards["shapes"]["weight"] == 0.5
+    assert _typed().rewards["shapes"]["weight"] == 1.0
+
+
+@pytest.mark.parametrize("removal", ["~reward@rewards.shapes", "~rewards.shapes"])
+def test_reward_removal_leaves_rewards_empty_and_validate_says_so(removal):
+    cfg = _typed([removal])
+    assert cfg.rewards == {}
+    assert set(cfg.eval_rewards) == {"geneval"}  # only the named entry went
+    with pytest.raises(ConfigError) as info:
+        validate(cfg, 1)
+    assert info.value.problems == [p for p in info.value.problems if "rewards is empty" in p]
+    assert len(info.value.problems) == 1
+
+
+def test_reward_added_by_name_from_the_group():
+    cfg = _typed(["+reward@rewards.jpeg=jpeg_compressibility", "rewards.jpeg.weight=0.25"])
+    assert set(cfg.rewards) == {"shapes", "jpeg"}
+    assert cfg.rewards["jpeg"]["_target_"] == "rewards.jpeg.JpegCompressibility"
+    assert cfg.rewards["jpeg"]["weight"] == 0.25 and cfg.rewards["shapes"]["weight"] == 1.0
+    validate(cfg, 1)
+
+
+def test_non_numeric_reward_weight_is_reported():
+    with pytest.raises(ConfigError, match=r"rewards\.shapes\.weight"):
+        validate(_typed(["rewards.shapes.weight=heavy"]), 1)
+
+
+# --- experiment files (STYLE rule 8) -------------------------------------------------------------
+
+
+def _launch_overrides(path: Path) -> list[str]:
+    """The overrides of the launch command in the file's leading comment block."""
+    header = []
+    for line in path.read_text().splitlines():
+        if not line.startswith("#"):
+            break
+        header.append(line.lstrip("#").strip())
+    assert header and header[0] == "@package _global_", f"{path.name}: first line must be '# @package _global_'"
+    for line in header:
+        m = re.search(r"(?:-m launch\.train|launch/train\.py)\b(.*)", line)
+        if m:
+            # key=value tokens up to the first that is not one (a trailing remark in prose).
+            overrides = []
+            for tok in shlex.split(m.group(1)):
+                if tok.startswith("-"):
+                    continue
+                if "=" not in tok:
+                    break
+                overrides.append(tok)
+            return overrides
+    raise AssertionError(f"{path.name}: no launch command (python -m launch.train experiment=...) in the leading comments")
+
+
+def test_there_is_at_least_one_experiment():
+    assert EXPERIMENTS, CONF / "experiment"
+
+
+@pytest.mark.parametrize("path", EXPERIMENTS, ids=lambda p: p.stem)
+def test_experiment_launch_command_composes_and_its_values_win(path):
+    overrides = _launch_overrides(path)
+    assert f"experiment={path.stem}" in overrides, f"{path.name}: the launch command must select experiment={path.stem}"
+    dcfg = _compose(overrides)
+    cfg = OmegaConf.to_object(dcfg)
+    validate(cfg, 1)
+    # Every value the experiment sets is what the job gets (nothing later in the defaults list wins).
+    raw = OmegaConf.to_container(OmegaConf.load(path), resolve=False)
+    raw.pop("defaults", None)
+    composed = _leaves(OmegaConf.to_container(dcfg, resolve=False))
+    cli = {o.split("=", 1)[0].lstrip("+") for o in overrides}
+    for key, value in _leaves(raw).items():
+        if key not in cli:
+            assert composed[key] == value, (key, composed[key], value)
+
+
+def test_a_new_experiment_file_overrides_top_level_keys(tmp_path):
+    # train.yaml's own keys (exp_name, seed) must not beat an experiment's: _self_ precedes experiment.
+    conf = tmp_path / "conf"
+    shutil.copytree(CONF, conf)
+    (conf / "experiment" / "probe.yaml").write_text(
+        "# @package _global_\n# python -m launch.train experiment=probe\n"
+        "exp_name: probe\nseed: 7\nalgorithm:\n  group_size: 4\n"
+    )
+    cfg = _typed(["experiment=probe"], conf)
+    assert (cfg.exp_name, cfg.seed, cfg.algorithm.group_size) == ("probe", 7, 4)
+
+
+# --- run directories (STYLE rule 9) -----------------------------------------------------------------
+
+
+def test_run_dir_ignores_override_order():
+    a = default_run_dir("exp", ["optimizer.lr=1e-4", "algorithm.kl_beta=0", "+reward@rewards.jpeg=jpeg_compressibility"])
+    b = default_run_dir("exp", ["+reward@rewards.jpeg=jpeg_compressibility", "algorithm.kl_beta=0", "optimizer.lr=1e-4"])
+    assert a == b
+    assert a.parent == Path("runs") and a.name.startswith("exp-")
+
+
+def test_run_dir_ignores_infra_overrides():
+    base = default_run_dir("exp", ["optimizer.lr=1e-4"])
+    infra = ["logger=none", "train.progress=false", "train.num_threads=1", "train.device=cpu", "logger.mode=online"]
+    assert default_run_dir("exp", ["optimizer.lr=1e-4", *infra]) == base
+    assert default_run_dir("exp", [*infra, "optimizer.lr=1e-4"]) == base
+
+
+def test_run_dir_changes_with_result_changing_overrides_and_name():
+    base = default_run_dir("exp", [])
+    assert default_run_dir("exp", []) == base  # no clock
+    assert default_run_dir("exp", ["optimizer.lr=1e-4"]) != base
+    assert default_run_dir("exp", ["optimizer.lr=1e-4"]) != default_run_dir("exp", ["optimizer.lr=3e-4"])
+    assert default_run_dir("exp", ["seed=1"]) != base
+    assert default_run_dir("exp", ["~reward@rewards.shapes"]) != base
+    assert default_run_dir("other", []) != base
+    assert default_run_dir("exp", [], root="/tmp/r").parent == Path("/tmp/r")
+
+
+# --- the real CLI ------------------------------------------------------------------------------------
+
+
+def _cli(*args):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.pop("HYDRA_FULL_ERROR", None)
+    return subprocess.run([sys.executable, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+
+
+def test_cli_rejects_unknown_key_at_compose_time():
+    proc = _cli("-m", "launch.train", "optimizer.lrr=1")
+    assert proc.returncode != 0
+    assert "optimizer.lrr" in proc.stderr, proc.stderr
+
+
+@pytest.mark.parametrize("launcher_args", [["--local_rank=0"], ["--local_rank", "0"]])
+def test_cli_strips_the_deepspeed_local_rank_argument(launcher_args):
+    # Fails on the typo, which Hydra sees only after --local_rank was accepted (stripped).
+    proc = _cli("launch/train.py", *launcher_args, "train.stepz=1")
+    assert proc.returncode != 0
+    assert "train.stepz" in proc.stderr, proc.stderr
+    assert "local_rank" not in proc.stderr, proc.stderr
