@@ -28,6 +28,7 @@ class PretrainConfig:
     image_size: int = 32
     seed: int = 0
     num_threads: int = 1
+    t_sampling: str = "uniform"
     prompt_dir: str = str(Path(__file__).resolve().parents[1] / "models" / "toy" / "prompts")
 
 
@@ -42,7 +43,8 @@ def main(cfg: PretrainConfig) -> None:
 
     torch.set_num_threads(cfg.num_threads)
     pretrain_toy(Path(cfg.out), cfg.steps, cfg.batch, cfg.lr, cfg.eval_every, cfg.image_size, cfg.seed,
-                 Path(cfg.prompt_dir), eval_prompts=cfg.eval_prompts)
+                 Path(cfg.prompt_dir), eval_prompts=cfg.eval_prompts,
+                 t_sampling=cfg.t_sampling)
 
 
 if __name__ == "__main__":

@@ -86,6 +86,8 @@ class SD3Policy:
                 f"model.path={path!r} is not a diffusers folder: {index_file} is missing. "
                 "Point model.path at a local copy of an SD3/SD3.5 checkpoint (the folder holding model_index.json)."
             )
+        if finetune not in ("lora", "full"):
+            raise ValueError(f"model.finetune must be 'lora' or 'full', got {finetune!r}")
         index = json.loads(index_file.read_text())
         self.device = torch.device(device)
         self.dtype = _dtype(dtype, self.device)
@@ -124,12 +126,10 @@ class SD3Policy:
             for p in self.transformer.parameters():
                 if p.requires_grad:
                     p.data = p.data.float()
-        elif finetune == "full":
+        else:
             self.transformer.requires_grad_(True)
             if needs_reference:
                 self._reference = copy.deepcopy(self.transformer).requires_grad_(False).eval()
-        else:
-            raise ValueError(f"model.finetune must be 'lora' or 'full', got {finetune!r}")
         if gradient_checkpointing:
             self.transformer.enable_gradient_checkpointing()
         self._cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}

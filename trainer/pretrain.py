@@ -41,6 +41,7 @@ def write_prompt_files(folder: Path, seed: int = 0) -> tuple[list[str], list[str
 def pretrain_toy(
     out: Path, steps: int, batch: int, lr: float, eval_every: int, image_size: int, seed: int, prompt_dir: Path,
     eval_prompts: int = 128, cond_dropout: float = 0.1, guidance_scale: float = 1.0, eval_steps: int = 10,
+    t_sampling: str = "uniform",
 ) -> list[dict]:
     """Train from scratch and save a snapshot folder ``out/step_<N>`` at every evaluation.
 
@@ -69,7 +70,7 @@ def pretrain_toy(
         x0 = x0.permute(0, 3, 1, 2).float() / 127.5 - 1.0
         caps = ["" if rng.random() < cond_dropout else shapes.caption(s) for s in specs]
         cond = policy.encode(caps)
-        loss = flow_matching_loss(lambda x, t: policy.predict(x, t, cond, 1.0), x0, gen)
+        loss = flow_matching_loss(lambda x, t: policy.predict(x, t, cond, 1.0), x0, gen, t_sampling)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)

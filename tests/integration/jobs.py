@@ -12,7 +12,8 @@ ROOT = Path(__file__).resolve().parents[2]
 # A small, fast GRPO job on the shipped toy (about 10 s per step on one thread).
 SMALL = [
     "data.prompts_per_step=4", "algorithm.group_size=4", "train.micro_batch=8", "data.eval_size=16",
-    "logger=none", "train.progress=false", "train.num_threads=1", "train.eval_batch=16",
+    # eval_batch 8 = the per-rank share with 2 processes: equal chunk shapes give bitwise equal samples.
+    "logger=none", "train.progress=false", "train.num_threads=1", "train.eval_batch=8",
 ]
 
 
