@@ -97,8 +97,10 @@ def global_nanmean(values: dict[str, torch.Tensor]) -> dict[str, float]:
     if not values:
         return {}
     keys = sorted(values)
-    stacked = torch.stack([values[k].detach().float().cpu().reshape(-1) for k in keys])  # [K, N]
+    # float64 sums: exact for fp32 inputs at these sizes, so the mean does not depend on how the
+    # samples are split across ranks (1 and N processes log identical numbers).
+    stacked = torch.stack([values[k].detach().double().cpu().reshape(-1) for k in keys])  # [K, N]
     finite = torch.isfinite(stacked)
-    sums = all_reduce_sum(torch.cat([torch.where(finite, stacked, 0.0).sum(1), finite.sum(1).float()]))
+    sums = all_reduce_sum(torch.cat([torch.where(finite, stacked, 0.0).sum(1), finite.sum(1).double()]))
     k = len(keys)
     return {key: (sums[i] / sums[k + i]).item() if sums[k + i] > 0 else float("nan") for i, key in enumerate(keys)}

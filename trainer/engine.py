@@ -37,3 +37,21 @@ def build_engine(policy, optimizer_cfg, ds_cfg, micro_batch: int, grad_accum: in
     config = deepspeed_config(ds_cfg, micro_batch, grad_accum, world_size, max_grad_norm, policy.device)
     engine, optimizer, _, _ = deepspeed.initialize(model=policy.transformer, optimizer=optimizer, config=config)
     return engine, optimizer
+
+
+def optimizer_step(engine) -> float | None:
+    """``engine.step()``; at an accumulation boundary also return the global gradient norm (pre-clipping).
+
+    ZeRO 0 keeps whole, already all-reduced gradients in ``p.grad``, and DeepSpeed does not record
+    their norm, so it is computed here before the step; ZeRO >= 1 partitions gradients and DeepSpeed
+    computes the norm during its step, so it is read afterwards.
+    """
+    boundary = engine.is_gradient_accumulation_boundary()
+    norm = None
+    if boundary and engine.zero_optimization_stage() == 0:
+        grads = [p.grad.detach().float().norm() for p in engine.module.parameters() if p.grad is not None]
+        norm = float(torch.stack(grads).norm()) if grads else 0.0
+    engine.step()
+    if boundary and norm is None:
+        norm = float(engine.get_global_grad_norm())
+    return norm

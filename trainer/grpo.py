@@ -24,7 +24,7 @@ from trainer.advantages import distributed_group_advantages
 from trainer.checkpoint import save_checkpoint
 from trainer.config import TrainConfig
 from trainer.distributed import World, all_reduce_sum, global_nanmean
-from trainer.engine import build_engine
+from trainer.engine import build_engine, optimizer_step
 from trainer.evaluate import evaluate
 from trainer.metrics import MetricsWriter, save_grid
 from trainer.prompts import load_prompts, step_prompt_ids
@@ -147,6 +147,7 @@ def train(cfg: TrainConfig, world: World, run_dir: Path, resolved_yaml: str) -> 
         stat_sums: dict[str, torch.Tensor] = {}
         n_micro = 0
         onpolicy_dev = torch.zeros(())
+        grad_norms: list[float] = []
         for epoch in range(algo.inner_epochs):
             for ci in torch.randperm(n_chunks, generator=g).tolist():
                 traj = chunks[ci]
@@ -168,7 +169,9 @@ def train(cfg: TrainConfig, world: World, run_dir: Path, resolved_yaml: str) -> 
                         log_prob, traj.log_probs[:, j], a, algo.clip_range, mean, ref_mean, std, algo.kl_beta
                     )
                     engine.backward(loss)
-                    engine.step()
+                    norm = optimizer_step(engine)
+                    if norm is not None:
+                        grad_norms.append(norm)
                     if epoch == 0:
                         # Nothing has been updated during the first epoch: the ratio must be exactly 1.
                         onpolicy_dev = torch.maximum(onpolicy_dev, stats["log_ratio_abs_max"].cpu())
@@ -182,7 +185,7 @@ def train(cfg: TrainConfig, world: World, run_dir: Path, resolved_yaml: str) -> 
         metrics = global_nanmean(_reward_values(scored))
         metrics.update(_global_means(stat_sums, n_micro))
         metrics["train/onpolicy_log_ratio_max"] = float(all_reduce_sum(onpolicy_dev.reshape(1))[0])
-        metrics["train/grad_norm"] = float(engine.get_global_grad_norm() or 0.0)
+        metrics["train/grad_norm"] = sum(grad_norms) / len(grad_norms)
         metrics["train/lr"] = optimizer.param_groups[0]["lr"]
         metrics.update({
             "time/rollout": t_rollout - t0, "time/reward": t_reward - t_rollout, "time/train": t_train - t_reward,
