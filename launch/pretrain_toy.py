@@ -29,6 +29,7 @@ class PretrainConfig:
     seed: int = 0
     num_threads: int = 1
     t_sampling: str = "uniform"
+    layout: str = "grid"  # "free": continuous placement (harder; a longer benchmark)
     prompt_dir: str = str(Path(__file__).resolve().parents[1] / "models" / "toy" / "prompts")
 
 
@@ -44,7 +45,7 @@ def main(cfg: PretrainConfig) -> None:
     torch.set_num_threads(cfg.num_threads)
     pretrain_toy(Path(cfg.out), cfg.steps, cfg.batch, cfg.lr, cfg.eval_every, cfg.image_size, cfg.seed,
                  Path(cfg.prompt_dir), eval_prompts=cfg.eval_prompts,
-                 t_sampling=cfg.t_sampling)
+                 t_sampling=cfg.t_sampling, layout=cfg.layout)
 
 
 if __name__ == "__main__":

@@ -41,7 +41,7 @@ def write_prompt_files(folder: Path, seed: int = 0) -> tuple[list[str], list[str
 def pretrain_toy(
     out: Path, steps: int, batch: int, lr: float, eval_every: int, image_size: int, seed: int, prompt_dir: Path,
     eval_prompts: int = 128, cond_dropout: float = 0.1, guidance_scale: float = 1.0, eval_steps: int = 10,
-    t_sampling: str = "uniform",
+    t_sampling: str = "uniform", layout: str = "grid",
 ) -> list[dict]:
     """Train from scratch and save a snapshot folder ``out/step_<N>`` at every evaluation.
 
@@ -66,7 +66,7 @@ def pretrain_toy(
     bar = tqdm(range(1, steps + 1), desc="pretrain toy", dynamic_ncols=True)
     for step in bar:
         specs = [train_specs[i] for i in rng.integers(len(train_specs), size=batch)]
-        x0 = torch.from_numpy(np.stack([shapes.render(s, rng, size=image_size) for s in specs]))
+        x0 = torch.from_numpy(np.stack([shapes.render(s, rng, size=image_size, layout=layout) for s in specs]))
         x0 = x0.permute(0, 3, 1, 2).float() / 127.5 - 1.0
         caps = ["" if rng.random() < cond_dropout else shapes.caption(s) for s in specs]
         cond = policy.encode(caps)

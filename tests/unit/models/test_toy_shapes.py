@@ -152,3 +152,18 @@ def test_render_is_reproducible_and_raises_when_impossible():
             assert "could not place 'three red squares'" in str(err)
             outcomes.append("raised")
     assert "raised" in outcomes
+
+
+def test_grid_layout_puts_objects_in_distinct_cells_and_parses_exactly():
+    from rewards.shapes import parse_scene, score
+
+    rng = np.random.default_rng(3)
+    for _ in range(200):
+        spec = sample_spec(rng)
+        image = render(spec, rng, size=32, layout="grid")
+        objects = parse_scene(image)
+        cells = {(int(o.center[0] // 16), int(o.center[1] // 16)) for o in objects}
+        assert len(cells) == len(objects) == sum(o.count for o in spec.objects)
+        assert score(spec, objects)["correct"] == 1.0, caption(spec)
+    with pytest.raises(ValueError, match="layout"):
+        render(sample_spec(rng), rng, layout="spiral")
