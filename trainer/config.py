@@ -41,6 +41,7 @@ class GRPOConfig:
     kl_beta: float = 0.04
     timestep_fraction: float = 1.0  # share of stochastic steps trained per sample
     inner_epochs: int = 1
+    optimizer_steps_per_epoch: int = 1  # chunks are split evenly between this many optimizer steps
     max_grad_norm: float = 1.0
 
 
@@ -127,6 +128,17 @@ def validate(cfg: TrainConfig, world_size: int) -> None:
         p.append(
             f"data.prompts_per_step ({d.prompts_per_step}) * algorithm.group_size ({a.group_size}) = {total} must be "
             f"divisible by world_size ({world_size}) * train.micro_batch ({t.micro_batch}); change one of them"
+        )
+    elif (total // (world_size * t.micro_batch)) % a.optimizer_steps_per_epoch:
+        p.append(
+            f"each rank's {total // (world_size * t.micro_batch)} micro-batches (data.prompts_per_step * algorithm.group_size"
+            f" / (world_size * train.micro_batch)) must split evenly into algorithm.optimizer_steps_per_epoch "
+            f"({a.optimizer_steps_per_epoch}); change one of them"
+        )
+    if a.optimizer_steps_per_epoch < 1 or a.inner_epochs < 1:
+        p.append(
+            f"algorithm.optimizer_steps_per_epoch ({a.optimizer_steps_per_epoch}) and algorithm.inner_epochs "
+            f"({a.inner_epochs}) must be >= 1"
         )
     if a.group_size < 2:
         p.append(f"algorithm.group_size ({a.group_size}) must be >= 2: a group of one has no relative advantage")

@@ -76,10 +76,18 @@ def all_gather_cat(t: torch.Tensor) -> torch.Tensor:
 
 
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    return _all_reduce(t, dist.ReduceOp.SUM)
+
+
+def all_reduce_max(t: torch.Tensor) -> torch.Tensor:
+    return _all_reduce(t, dist.ReduceOp.MAX)
+
+
+def _all_reduce(t: torch.Tensor, op) -> torch.Tensor:
     if dist.is_initialized() and dist.get_world_size() > 1:
         backend_device = t.device if dist.get_backend() == "nccl" else torch.device("cpu")
         local = t.to(backend_device).clone()
-        dist.all_reduce(local)
+        dist.all_reduce(local, op=op)
         return local.to(t.device)
     return t
 

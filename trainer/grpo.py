@@ -23,7 +23,7 @@ from samplers.flow_sde import FlowSDESampler
 from trainer.advantages import distributed_group_advantages
 from trainer.checkpoint import save_checkpoint
 from trainer.config import TrainConfig
-from trainer.distributed import World, all_reduce_sum, global_nanmean
+from trainer.distributed import World, all_reduce_max, all_reduce_sum, global_nanmean
 from trainer.engine import build_engine, optimizer_step
 from trainer.evaluate import evaluate
 from trainer.metrics import MetricsWriter, save_grid
@@ -103,8 +103,9 @@ def train(cfg: TrainConfig, world: World, run_dir: Path, resolved_yaml: str) -> 
     n_chunks = n_local // tcfg.micro_batch
     n_stochastic = int(sampler.stochastic_steps(sampler.num_steps).sum())
     n_train_steps = max(1, round(algo.timestep_fraction * n_stochastic))
+    grad_accum = n_chunks // algo.optimizer_steps_per_epoch * n_train_steps
     engine, optimizer = build_engine(
-        policy, cfg.optimizer, cfg.deepspeed, tcfg.micro_batch, n_chunks * n_train_steps, world.world_size, algo.max_grad_norm
+        policy, cfg.optimizer, cfg.deepspeed, tcfg.micro_batch, grad_accum, world.world_size, algo.max_grad_norm
     )
     writer = MetricsWriter(run_dir, cfg.logger, OmegaConf.to_container(OmegaConf.create(resolved_yaml)), world.is_main)
     h, w = policy.height, policy.width
@@ -141,8 +142,8 @@ def train(cfg: TrainConfig, world: World, run_dir: Path, resolved_yaml: str) -> 
         adv = adv.clamp(-algo.adv_clip, algo.adv_clip).to(policy.device)
         t_reward = time.time()
 
-        # --- policy update: one optimizer step per inner epoch (DeepSpeed accumulates over
-        # chunks x trained steps and steps the optimizer at the boundary).
+        # --- policy update: optimizer_steps_per_epoch optimizer steps per inner epoch (DeepSpeed
+        # accumulates over chunks x trained steps and steps the optimizer at each boundary).
         g = generator(cfg.seed, STREAM_TRAIN, step)
         stat_sums: dict[str, torch.Tensor] = {}
         n_micro = 0
@@ -169,12 +170,12 @@ def train(cfg: TrainConfig, world: World, run_dir: Path, resolved_yaml: str) -> 
                         log_prob, traj.log_probs[:, j], a, algo.clip_range, mean, ref_mean, std, algo.kl_beta
                     )
                     engine.backward(loss)
+                    if not grad_norms:
+                        # Nothing has been updated before the first optimizer step: the ratio must be exactly 1.
+                        onpolicy_dev = torch.maximum(onpolicy_dev, stats["log_ratio_abs_max"].cpu())
                     norm = optimizer_step(engine)
                     if norm is not None:
                         grad_norms.append(norm)
-                    if epoch == 0:
-                        # Nothing has been updated during the first epoch: the ratio must be exactly 1.
-                        onpolicy_dev = torch.maximum(onpolicy_dev, stats["log_ratio_abs_max"].cpu())
                     stats["loss"] = loss.detach()
                     for k, v in stats.items():
                         if k != "log_ratio_abs_max":
@@ -184,7 +185,7 @@ def train(cfg: TrainConfig, world: World, run_dir: Path, resolved_yaml: str) -> 
 
         metrics = global_nanmean(_reward_values(scored))
         metrics.update(_global_means(stat_sums, n_micro))
-        metrics["train/onpolicy_log_ratio_max"] = float(all_reduce_sum(onpolicy_dev.reshape(1))[0])
+        metrics["train/onpolicy_log_ratio_max"] = float(all_reduce_max(onpolicy_dev.reshape(1))[0])
         metrics["train/grad_norm"] = sum(grad_norms) / len(grad_norms)
         metrics["train/lr"] = optimizer.param_groups[0]["lr"]
         metrics.update({

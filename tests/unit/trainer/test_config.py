@@ -76,7 +76,7 @@ def test_wrong_type_is_a_compose_error_naming_it(override):
 
 
 def test_batch_sizes_must_divide_evenly_and_the_message_says_the_rule_values_and_fix():
-    cfg = _typed(["data.prompts_per_step=3", "algorithm.group_size=3", "train.micro_batch=4"])
+    cfg = _typed(["data.prompts_per_step=3", "algorithm.group_size=3", "train.micro_batch=4", "algorithm.optimizer_steps_per_epoch=1"])
     with pytest.raises(ConfigError) as info:
         validate(cfg, 1)
     assert len(info.value.problems) == 1
@@ -84,13 +84,13 @@ def test_batch_sizes_must_divide_evenly_and_the_message_says_the_rule_values_and
     for needle in ["data.prompts_per_step (3)", "algorithm.group_size (3)", "world_size (1)", "train.micro_batch (4)", "change"]:
         assert needle in msg, needle
     # 9 samples fit 1 rank x micro-batch 1, but not 2 ranks x 1.
-    validate(_typed(["data.prompts_per_step=3", "algorithm.group_size=3", "train.micro_batch=1"]), 1)
+    validate(_typed(["data.prompts_per_step=3", "algorithm.group_size=3", "train.micro_batch=1", "algorithm.optimizer_steps_per_epoch=1"]), 1)
     with pytest.raises(ConfigError, match=r"world_size \(2\)"):
-        validate(_typed(["data.prompts_per_step=3", "algorithm.group_size=3", "train.micro_batch=1"]), 2)
+        validate(_typed(["data.prompts_per_step=3", "algorithm.group_size=3", "train.micro_batch=1", "algorithm.optimizer_steps_per_epoch=1"]), 2)
 
 
 def test_world_size_enters_the_batch_rule():
-    cfg = _typed(["data.prompts_per_step=8", "algorithm.group_size=8", "train.micro_batch=16"])
+    cfg = _typed(["data.prompts_per_step=8", "algorithm.group_size=8", "train.micro_batch=16", "algorithm.optimizer_steps_per_epoch=1"])
     validate(cfg, 4)  # 64 = 4 ranks * 16
     with pytest.raises(ConfigError, match=r"world_size \(3\)"):
         validate(cfg, 3)
@@ -261,3 +261,12 @@ def test_cli_strips_the_deepspeed_local_rank_argument(launcher_args):
     assert proc.returncode != 0
     assert "train.stepz" in proc.stderr, proc.stderr
     assert "local_rank" not in proc.stderr, proc.stderr
+
+
+def test_optimizer_steps_must_split_the_micro_batches_evenly():
+    cfg = _typed(["data.prompts_per_step=8", "algorithm.group_size=8", "train.micro_batch=16",
+                  "algorithm.optimizer_steps_per_epoch=2"])
+    validate(cfg, 1)  # 4 micro-batches -> 2 optimizer steps of 2
+    validate(cfg, 2)  # 2 per rank -> 2 steps of 1
+    with pytest.raises(ConfigError, match=r"algorithm.optimizer_steps_per_epoch \(2\)"):
+        validate(cfg, 4)  # 1 micro-batch per rank cannot make 2 optimizer steps
