@@ -1,7 +1,8 @@
 """Pre-train the embedded toy model: ``python -m launch.pretrain_toy out=DIR steps=N``.
 
-Snapshots land in ``out/step_<N>`` with held-out scores in ``out/history.json``; the shipped base
-(models/toy/weights/shapes32) is one of them, copied by hand with its model card.
+Snapshots land in ``out/step_<N>`` with held-out scores in ``out/history.json``. The shipped base is
+one of them: ``python -m launch.pretrain_toy ship_from=out/step_<N>`` stores it (fp16) in
+models/toy/weights/shapes32, re-scores it and writes its model card.
 """
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dataclasses import dataclass
+from typing import Optional
 
 import hydra
 from hydra.core.config_store import ConfigStore
@@ -31,6 +33,9 @@ class PretrainConfig:
     t_sampling: str = "uniform"
     layout: str = "grid"  # "free": continuous placement (harder; a longer benchmark)
     prompt_dir: str = str(Path(__file__).resolve().parents[1] / "models" / "toy" / "prompts")
+    # Ship mode: copy snapshot `ship_from` into `ship_to` (fp16), re-score it and write its model card.
+    ship_from: Optional[str] = None
+    ship_to: str = str(Path(__file__).resolve().parents[1] / "models" / "toy" / "weights" / "shapes32")
 
 
 ConfigStore.instance().store(name="pretrain_toy", node=PretrainConfig)
@@ -43,6 +48,13 @@ def main(cfg: PretrainConfig) -> None:
     from trainer.pretrain import pretrain_toy
 
     torch.set_num_threads(cfg.num_threads)
+    if cfg.ship_from:
+        from trainer.pretrain import ship_snapshot
+
+        row = ship_snapshot(Path(cfg.ship_from), Path(cfg.ship_to), cfg.image_size, cfg.seed, cfg.eval_prompts,
+                            prompt_dir=Path(cfg.prompt_dir))
+        print(f"shipped {cfg.ship_from} -> {cfg.ship_to}: {row}")
+        return
     pretrain_toy(Path(cfg.out), cfg.steps, cfg.batch, cfg.lr, cfg.eval_every, cfg.image_size, cfg.seed,
                  Path(cfg.prompt_dir), eval_prompts=cfg.eval_prompts,
                  t_sampling=cfg.t_sampling, layout=cfg.layout)

@@ -62,6 +62,9 @@ def pretrain_toy(
                              "shapes_total": {"_target_": "rewards.shapes.ShapesReward", "component": "total"}})
     sampler = FlowSDESampler(noise_level=0.0, num_steps=eval_steps, guidance_scale=guidance_scale)
     history, losses = [], []
+    settings = dict(steps=steps, batch=batch, lr=lr, image_size=image_size, seed=seed, layout=layout,
+                    t_sampling=t_sampling, cond_dropout=cond_dropout, guidance_scale=guidance_scale)
+    (out / "settings.json").write_text(json.dumps(settings, indent=2) + "\n")
     t0 = time.time()
     bar = tqdm(range(1, steps + 1), desc="pretrain toy", dynamic_ncols=True)
     for step in bar:
@@ -96,5 +99,64 @@ def pretrain_toy(
                     shutil.copytree(src, snap / name, dirs_exist_ok=True)
                 else:
                     (snap / name).write_bytes(src.read_bytes())
+            (snap / "README.md").write_text(model_card(
+                row, {**settings, "eval_prompts": len(heldout[:eval_prompts]), "eval_steps": eval_steps}))
     (out / "history.json").write_text(json.dumps(history, indent=2) + "\n")
     return history
+
+
+def ship_snapshot(src: Path, dest: Path, image_size: int = 32, seed: int = 0, eval_prompts: int = 128,
+                  eval_steps: int = 10, prompt_dir: Path | None = None) -> dict:
+    """Copy a snapshot to ``dest`` with the transformer in fp16 (half the bytes; the adapter loads it
+    back in fp32 on CPU), re-score the copy on the held-out prompts, and rewrite its model card."""
+    import shutil
+
+    from diffusers import SD3Transformer2DModel
+
+    shutil.rmtree(dest, ignore_errors=True)
+    shutil.copytree(src, dest, ignore=shutil.ignore_patterns("samples.png", "README.md", "transformer"))
+    SD3Transformer2DModel.from_pretrained(src / "transformer", torch_dtype=torch.float16).save_pretrained(dest / "transformer")
+    heldout = [line for line in (prompt_dir / "shapes_heldout.txt").read_text().splitlines() if line][:eval_prompts]
+    policy = SD3Policy(str(dest), finetune="full", needs_reference=False, max_sequence_length=0,
+                       height=image_size, width=image_size, device="cpu")
+    reward = RewardEnsemble({"shapes": {"_target_": "rewards.shapes.ShapesReward", "component": "correct"},
+                             "shapes_total": {"_target_": "rewards.shapes.ShapesReward", "component": "total"}})
+    sampler = FlowSDESampler(noise_level=0.0, num_steps=eval_steps, guidance_scale=1.0)
+    metrics = evaluate(policy, sampler, [reward], heldout, World(0, 1, 0, 1, torch.device("cpu")), seed, 64,
+                       image_size, image_size, grid_path=dest / "samples.png")
+    history = json.loads((src.parent / "history.json").read_text()) if (src.parent / "history.json").exists() else []
+    made = next((h for h in history if f"step_{h['step']:06d}" == src.name), {"step": src.name, "time_s": float("nan")})
+    settings = json.loads((src.parent / "settings.json").read_text())
+    row = {**metrics, "step": made["step"], "time_s": made["time_s"]}
+    (dest / "README.md").write_text(model_card(row, {**settings, "eval_prompts": len(heldout), "eval_steps": eval_steps}))
+    return row
+
+
+def model_card(row: dict, settings: dict) -> str:
+    """The model card of one snapshot: what it is, how it was made, how well it does."""
+    comps = ", ".join(f"{k.rsplit('/', 1)[-1]} {v:.3f}" for k, v in row.items() if k.startswith("eval/shapes_total/"))
+    return f"""# steerflow toy: shapes{settings['image_size']} (SD3 family, pixel space)
+
+A tiny text-to-image model of the Stable Diffusion 3 family, shipped with steerflow so that the real
+training path runs end to end on a CPU. It is an ordinary diffusers folder: `model_index.json`,
+`transformer/` (SD3Transformer2DModel, 4 joint blocks, 4 heads x 32, patch 4, 3 input channels:
+RGB pixels in [-1, 1], no VAE), `text_encoder/` (CLIPTextModelWithProjection, 2 layers, width 64,
+random and frozen), `tokenizer/` (word-level, CLIP's special tokens), `scheduler/` (flow matching, shift 1).
+
+## How it was made
+`python -m launch.pretrain_toy steps={settings['steps']} batch={settings['batch']} lr={settings['lr']} layout={settings['layout']} t_sampling={settings['t_sampling']}`
+(this snapshot: step {row['step']}), seed {settings['seed']}, on one CPU thread ({row['time_s']:.0f} s); the transformer
+was then stored in fp16 (`python -m launch.pretrain_toy ship_from=<snapshot>`), and the scores below are the stored model's.
+Rectified-flow loss (`trainer/flow_matching.py`), {settings['t_sampling']} times, AdamW, 200-step warm-up,
+{settings['cond_dropout']:.0%} empty captions (so classifier-free guidance works). Data: scenes of the shapes world
+(`models/toy/shapes.py`, {settings['layout']} layout) rendered on the fly for the training prompts
+(`models/toy/prompts/shapes_train.txt`); the held-out prompts (`shapes_heldout.txt`) were never trained on.
+
+## Held-out scores
+{settings['eval_prompts']} held-out prompts, one sample each, {settings['eval_steps']}-step Euler ODE, guidance {settings['guidance_scale']}, scored by
+`rewards/shapes.py` (weight-free scene parser):
+- strict accuracy (GenEval-style `correct`): {row['eval/shapes']:.3f}
+- mean component score (`total`): {row['eval/shapes_total']:.3f} ({comps})
+
+It is deliberately imperfect, so that RL has room to improve it.
+"""
