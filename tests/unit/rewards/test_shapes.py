@@ -61,8 +61,8 @@ def test_wrong_color():
 
 def test_wrong_shape():
     bad = _corrupted("a red circle", "a red triangle")
-    assert bad["correct"] == 0.0 and (bad["color"], bad["shape"], bad["count"]) == (1.0, 0.0, 0.0)
-    assert bad["total"] == pytest.approx(1 / 3)
+    assert bad["correct"] == 0.0 and (bad["color"], bad["shape"], bad["count"], bad["exclusive"]) == (1.0, 0.0, 0.0, 0.0)
+    assert bad["total"] == pytest.approx(1 / 4)
 
 
 @pytest.mark.parametrize(
@@ -76,15 +76,17 @@ def test_wrong_shape():
 )
 def test_wrong_count(text, rendered, count):
     bad = _corrupted(text, rendered)
-    assert bad["correct"] == 0.0 and bad["count"] == pytest.approx(count)
-    assert bad["total"] == pytest.approx((count + 2) / 3)
+    # Too many or too few of the requested object: only count suffers (every object is a requested one).
+    assert bad["correct"] == 0.0 and bad["count"] == pytest.approx(count) and bad["exclusive"] == 1.0
+    assert bad["total"] == pytest.approx((count + 3) / 4)
 
 
 def test_extra_object_of_another_kind():
     spec = parse_caption("a red circle")
     image = render(parse_caption("a red circle left of a green square"), np.random.default_rng(0))
     bad = _score(spec, image)
-    assert bad["correct"] == 0.0 and bad["count"] == 1.0 and bad["color"] == 0.5 and bad["total"] < 1.0
+    assert bad["correct"] == 0.0 and bad["count"] == 1.0 and bad["color"] == 0.5 and bad["exclusive"] == 0.5
+    assert bad["total"] == pytest.approx((1 + 0.5 + 1 + 0.5) / 4)
 
 
 @pytest.mark.parametrize("relation", list(OPPOSITE))
@@ -92,7 +94,7 @@ def test_swapped_relation(relation):
     text = f"a red circle {relation} a green square"
     bad = _corrupted(text, f"a red circle {OPPOSITE[relation]} a green square", seed=3)
     assert bad["correct"] == 0.0 and bad["position"] == 0.0
-    assert (bad["count"], bad["color"], bad["shape"]) == (1.0, 1.0, 1.0) and bad["total"] == 0.75
+    assert (bad["count"], bad["color"], bad["shape"], bad["exclusive"]) == (1.0, 1.0, 1.0, 1.0) and bad["total"] == 0.8
 
 
 def test_relation_with_same_color_objects():
@@ -147,7 +149,7 @@ def test_shapes_reward_batch():
     batch = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255
 
     out = ShapesReward()(batch, prompts)
-    assert set(out) == {"reward", "count", "color", "shape", "position", "total", "correct"}
+    assert set(out) == {"reward", "count", "color", "shape", "exclusive", "position", "total", "correct"}
     for value in out.values():
         assert value.shape == (3,) and value.dtype == torch.float32
     assert torch.equal(out["reward"], out["total"])
@@ -169,3 +171,20 @@ def test_shapes_reward_rejects_bad_inputs():
         ShapesReward()(images, ["a red circle", "a cat"])
     with pytest.raises(ValueError, match=r"\[B, 3, H, W\]"):
         ShapesReward()(images[:, :1], ["a red circle", "a red circle"])
+
+
+def test_extra_objects_lower_exclusive_and_total_even_when_other_components_hold():
+    """Hedging (drawing the requested objects plus extras) must not pay: `exclusive` drops and so does `total`."""
+    from models.toy.shapes import COLORS, shape_mask
+
+    spec = parse_caption("a red circle left of a blue square")
+    image = np.zeros((32, 32, 3), np.uint8)
+    for (x, y), color, shape in [((2, 4), "red", "circle"), ((20, 4), "blue", "square")]:
+        image[y:y + 9, x:x + 9][shape_mask(shape, 9, 9)] = COLORS[color]
+    clean = score(spec, parse_scene(image))
+    image[20:29, 2:11][shape_mask("circle", 9, 9)] = COLORS["blue"]  # an extra blue circle
+    hedged = score(spec, parse_scene(image))
+    assert clean["exclusive"] == 1.0 and clean["correct"] == 1.0
+    assert hedged["exclusive"] == pytest.approx(2 / 3) and hedged["correct"] == 0.0
+    assert hedged["total"] < clean["total"]
+    assert score(spec, [])["exclusive"] == 0.0
