@@ -23,9 +23,9 @@ from hydra.core.config_store import ConfigStore
 class PretrainConfig:
     out: str = "runs/pretrain_toy"
     steps: int = 3000
-    batch: int = 128
+    batch: int = 64
     lr: float = 1e-3
-    eval_every: int = 500
+    eval_every: int = 250
     eval_prompts: int = 128
     image_size: int = 32
     seed: int = 0

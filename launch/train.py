@@ -63,6 +63,7 @@ def _main(dcfg: DictConfig) -> None:
         print(f"  samples:     {run_dir / 'samples'}")
         print(f"  checkpoint:  {summary['checkpoint']}")
         print(f"  summary:     {run_dir / 'summary.json'}")
+        print(f"  plots:       {run_dir / 'plots'}")
         for key in sorted(summary["eval_before"]):
             if key.count("/") == 1 and key != "eval/num_prompts":  # per reward; components are in the files
                 print(f"  {key}: {summary['eval_before'][key]:.3f} -> {summary['eval_after'][key]:.3f}")

@@ -134,7 +134,8 @@ def ship_snapshot(src: Path, dest: Path, image_size: int = 32, seed: int = 0, ev
 
 def model_card(row: dict, settings: dict) -> str:
     """The model card of one snapshot: what it is, how it was made, how well it does."""
-    comps = ", ".join(f"{k.rsplit('/', 1)[-1]} {v:.3f}" for k, v in row.items() if k.startswith("eval/shapes_total/"))
+    comps = ", ".join(f"{k.rsplit('/', 1)[-1]} {v:.3f}" for k, v in row.items()
+                      if k.startswith("eval/shapes_total/") and not k.endswith(("/total", "/correct")))
     return f"""# steerflow toy: shapes{settings['image_size']} (SD3 family, pixel space)
 
 A tiny text-to-image model of the Stable Diffusion 3 family, shipped with steerflow so that the real
