@@ -32,6 +32,8 @@ class PretrainConfig:
     num_threads: int = 1
     t_sampling: str = "uniform"
     layout: str = "grid"  # "free": continuous placement (harder; a longer benchmark)
+    init_from: Optional[str] = None  # continue from a snapshot folder instead of a random init
+    decay: bool = False  # cosine-anneal the learning rate to 10% over the run
     prompt_dir: str = str(Path(__file__).resolve().parents[1] / "models" / "toy" / "prompts")
     # Ship mode: copy snapshot `ship_from` into `ship_to` (fp16), re-score it and write its model card.
     ship_from: Optional[str] = None
@@ -57,7 +59,8 @@ def main(cfg: PretrainConfig) -> None:
         return
     pretrain_toy(Path(cfg.out), cfg.steps, cfg.batch, cfg.lr, cfg.eval_every, cfg.image_size, cfg.seed,
                  Path(cfg.prompt_dir), eval_prompts=cfg.eval_prompts,
-                 t_sampling=cfg.t_sampling, layout=cfg.layout)
+                 t_sampling=cfg.t_sampling, layout=cfg.layout,
+                 init_from=Path(cfg.init_from) if cfg.init_from else None, decay=cfg.decay)
 
 
 if __name__ == "__main__":

@@ -39,7 +39,7 @@ _PALETTE = np.array([(0, 0, 0), *COLORS.values()], dtype=np.float32)  # [5, 3]
 class DetectedObject:
     """One object found in a scene.
 
-    color: a key of COLORS. shape: one of SHAPES, or "unknown" when no template fits.
+    color: a key of COLORS. shape: one of SHAPES, or "unknown" when no template fits well enough.
     centroid: pixel centroid (x, y). bbox: (x, y, width, height) in pixels. area: pixel count.
     """
 
@@ -48,6 +48,7 @@ class DetectedObject:
     centroid: tuple[float, float]
     bbox: tuple[int, int, int, int]
     area: int
+    template_iou: tuple[float, ...]  # IoU with each of SHAPES' templates (all 0 for a non-square box)
 
     @property
     def center(self) -> tuple[float, float]:
@@ -56,17 +57,18 @@ class DetectedObject:
         return x + w / 2, y + h / 2
 
 
-def _classify_shape(mask: np.ndarray) -> str:
-    """Best-IoU shape template fitted to the component's box; mask is bool [h, w] cropped to it."""
+def _template_ious(mask: np.ndarray) -> tuple[float, ...]:
+    """IoU of the component (bool [h, w], cropped to its box) with each shape template fitted to the box."""
     h, w = mask.shape
     if max(h, w) > MAX_ASPECT_RATIO * min(h, w):
-        return "unknown"
-    ious = {}
-    for shape in SHAPES:
-        template = shape_mask(shape, w, h)
-        ious[shape] = (mask & template).sum() / (mask | template).sum()
-    best = max(ious, key=ious.get)
-    return best if ious[best] >= MIN_SHAPE_IOU else "unknown"
+        return tuple(0.0 for _ in SHAPES)
+    return tuple(float((mask & t).sum() / (mask | t).sum()) for t in (shape_mask(s, w, h) for s in SHAPES))
+
+
+def _classify_shape(ious: tuple[float, ...]) -> str:
+    """The best-fitting shape, or "unknown" when even the best template fits poorly."""
+    best = int(np.argmax(ious))
+    return SHAPES[best] if ious[best] >= MIN_SHAPE_IOU else "unknown"
 
 
 def parse_scene(image: np.ndarray) -> list[DetectedObject]:
@@ -91,9 +93,10 @@ def parse_scene(image: np.ndarray) -> list[DetectedObject]:
             x, y, w, h, area = (int(v) for v in stats[k])
             if area < min_area:
                 continue
-            shape = _classify_shape(comp[y:y + h, x:x + w] == k)
+            ious = _template_ious(comp[y:y + h, x:x + w] == k)
+            shape = _classify_shape(ious)
             cx, cy = (float(v) for v in centroids[k])
-            objects.append(DetectedObject(name, shape, (cx, cy), (x, y, w, h), area))
+            objects.append(DetectedObject(name, shape, (cx, cy), (x, y, w, h), area, ious))
     return objects
 
 
@@ -147,17 +150,43 @@ def score(spec: SceneSpec, objects: list[DetectedObject]) -> dict[str, float]:
         correct = correct and holds  # with exact counts the best matches are the requested objects
     scores["total"] = float(np.mean(list(scores.values())))
     scores["correct"] = float(correct)
+    scores["soft"] = _soft_score(spec, objects, scores.get("position"))
     return scores
 
 
-COMPONENTS = ("count", "color", "shape", "exclusive", "position", "total", "correct")
+def _soft_score(spec: SceneSpec, objects: list[DetectedObject], position: float | None) -> float:
+    """A continuous score that only a correct scene maxes out: the dense reward for RL.
+
+    fidelity = (sum over requested objects of the template IoU of the object matched to it) /
+    max(#requested, #detected): each requested object is matched to a distinct detected object of
+    its colour, best IoU with the requested shape first. Crisper shapes score more (the IoU is
+    continuous, unlike the thresholded shape label), and every extra or missing object costs
+    1/max(...), so hedging never pays. Position prompts average it with the relation (0 or 1).
+    """
+    used: set[int] = set()
+    matched = 0.0
+    for request in spec.objects:
+        k = SHAPES.index(request.shape)
+        candidates = sorted(
+            (i for i, o in enumerate(objects) if o.color == request.color and i not in used),
+            key=lambda i: -objects[i].template_iou[k],
+        )[: request.count]
+        used.update(candidates)
+        matched += sum(objects[i].template_iou[k] for i in candidates)
+    n_requested = sum(r.count for r in spec.objects)
+    fidelity = matched / max(n_requested, len(objects))
+    return fidelity if position is None else 0.5 * fidelity + 0.5 * position
+
+
+COMPONENTS = ("count", "color", "shape", "exclusive", "position", "total", "correct", "soft")
 
 
 class ShapesReward:
     """Reward for shapes-world prompts, from pixels, on CPU.
 
-    component: which score is the scalar "reward": "total" (dense, for training), "correct"
-    (GenEval-style strict accuracy) or any single component.
+    component: which score is the scalar "reward": "soft" (continuous, maxed only by a correct
+    scene: the RL reward), "total" (mean of the discrete components), "correct" (GenEval-style
+    strict accuracy) or any single component.
     """
 
     input_kind = "pixels"

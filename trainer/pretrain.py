@@ -7,6 +7,7 @@ job uses; the script keeps every snapshot's score so the shipped base can be one
 from __future__ import annotations
 
 import json
+import math
 import time
 from pathlib import Path
 
@@ -41,21 +42,33 @@ def write_prompt_files(folder: Path, seed: int = 0) -> tuple[list[str], list[str
 def pretrain_toy(
     out: Path, steps: int, batch: int, lr: float, eval_every: int, image_size: int, seed: int, prompt_dir: Path,
     eval_prompts: int = 128, cond_dropout: float = 0.1, guidance_scale: float = 1.0, eval_steps: int = 10,
-    t_sampling: str = "uniform", layout: str = "grid",
+    t_sampling: str = "uniform", layout: str = "grid", init_from: Path | None = None, decay: bool = False,
 ) -> list[dict]:
-    """Train from scratch and save a snapshot folder ``out/step_<N>`` at every evaluation.
+    """Train (from scratch, or on from the snapshot ``init_from``) and save ``out/step_<N>`` at every evaluation.
+
+    ``decay`` anneals the learning rate to 10% with a cosine after the warm-up (sharper samples at the end).
 
     Returns the evaluation history [{step, loss, eval/...}], also written to ``out/history.json``.
     """
     world = World(0, 1, 0, 1, torch.device("cpu"))
     train_prompts, heldout = write_prompt_files(prompt_dir, seed)
     train_specs = [shapes.parse_caption(p) for p in train_prompts]
-    init = save_toy(build_toy(shapes.vocabulary(), image_size=image_size, seed=seed), out / "init")
+    if init_from is None:
+        init = save_toy(build_toy(shapes.vocabulary(), image_size=image_size, seed=seed), out / "init")
+    else:
+        import shutil
+
+        init = out / "init"
+        shutil.copytree(init_from, init, dirs_exist_ok=True, ignore=shutil.ignore_patterns("samples.png", "README.md"))
     policy = SD3Policy(str(init), finetune="full", needs_reference=False, max_sequence_length=0,
                        height=image_size, width=image_size, device="cpu")
     params = [p for p in policy.transformer.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 200))  # warm-up: stable early steps
+    def lr_factor(s: int) -> float:
+        warm = min(1.0, (s + 1) / 200)  # warm-up: stable early steps
+        return warm * (0.55 + 0.45 * math.cos(math.pi * s / steps)) if decay else warm
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor)
     rng = np.random.default_rng(seed)
     gen = generator(seed, 99)
     reward = RewardEnsemble({"shapes": {"_target_": "rewards.shapes.ShapesReward", "component": "correct"},
@@ -63,7 +76,8 @@ def pretrain_toy(
     sampler = FlowSDESampler(noise_level=0.0, num_steps=eval_steps, guidance_scale=guidance_scale)
     history, losses = [], []
     settings = dict(steps=steps, batch=batch, lr=lr, image_size=image_size, seed=seed, layout=layout,
-                    t_sampling=t_sampling, cond_dropout=cond_dropout, guidance_scale=guidance_scale)
+                    t_sampling=t_sampling, cond_dropout=cond_dropout, guidance_scale=guidance_scale,
+                    init_from=str(init_from) if init_from else None, decay=decay)
     (out / "settings.json").write_text(json.dumps(settings, indent=2) + "\n")
     t0 = time.time()
     bar = tqdm(range(1, steps + 1), desc="pretrain toy", dynamic_ncols=True)

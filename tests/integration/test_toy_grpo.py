@@ -44,6 +44,18 @@ def test_short_run_outputs_and_golden_numbers(tmp_path):
         assert got[k] == pytest.approx(want[k], rel=1e-4, abs=1e-7), k
 
 
+def test_grpo_raises_a_reward_it_is_trained_on(tmp_path):
+    """A few GRPO steps on DDPO's JPEG compressibility (fixed seeds) raise the held-out score of that reward.
+
+    A sign error in the advantages, a detached log-prob or a broken optimizer step makes it fall or stay put.
+    """
+    train(tmp_path, "train.steps=8", "~reward@rewards.shapes", "+reward@rewards.jpeg=jpeg_compressibility",
+          "optimizer.lr=3e-3", "algorithm.kl_beta=0", "algorithm.optimizer_steps_per_epoch=1")
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    before, after = summary["eval_before"]["eval/jpeg"], summary["eval_after"]["eval/jpeg"]
+    assert after > before + 0.05, (before, after)  # reward = -kB of the JPEG: higher is smaller files
+
+
 def test_sample_from_checkpoint(tmp_path):
     train(tmp_path / "run", "train.steps=1")
     prompts = tmp_path / "prompts.txt"

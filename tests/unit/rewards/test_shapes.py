@@ -133,7 +133,8 @@ def test_objects_touching_at_a_corner_stay_separate():
 
 def test_score_position_uses_box_centres():
     def obj(color, shape, x, y, side=10):
-        return DetectedObject(color, shape, (x + side / 2, y + side * 0.6), (x, y, side, side), side * side)
+        ious = tuple(float(s == shape) for s in ("circle", "square", "triangle"))
+        return DetectedObject(color, shape, (x + side / 2, y + side * 0.6), (x, y, side, side), side * side, ious)
 
     spec = SceneSpec("position", (ObjectRequest("red", "circle", 1), ObjectRequest("green", "square", 1)), "left of")
     assert score(spec, [obj("red", "circle", 0, 0), obj("green", "square", 5, 20)])["position"] == 1.0
@@ -149,7 +150,7 @@ def test_shapes_reward_batch():
     batch = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255
 
     out = ShapesReward()(batch, prompts)
-    assert set(out) == {"reward", "count", "color", "shape", "exclusive", "position", "total", "correct"}
+    assert set(out) == {"reward", "count", "color", "shape", "exclusive", "position", "total", "correct", "soft"}
     for value in out.values():
         assert value.shape == (3,) and value.dtype == torch.float32
     assert torch.equal(out["reward"], out["total"])
@@ -188,3 +189,22 @@ def test_extra_objects_lower_exclusive_and_total_even_when_other_components_hold
     assert hedged["exclusive"] == pytest.approx(2 / 3) and hedged["correct"] == 0.0
     assert hedged["total"] < clean["total"]
     assert score(spec, [])["exclusive"] == 0.0
+
+
+def test_soft_score_is_continuous_in_crispness_and_maxed_only_by_a_correct_scene():
+    from models.toy.shapes import COLORS, shape_mask
+
+    spec = parse_caption("two red circles")
+    image = np.zeros((32, 32, 3), np.uint8)
+    for x in (2, 18):
+        image[4:14, x:x + 10][shape_mask("circle", 10, 10)] = COLORS["red"]
+    clean = score(spec, parse_scene(image))
+    assert clean["correct"] == 1.0 and clean["soft"] == pytest.approx(1.0)
+    blurred = image.copy()
+    blurred[4:6, 18:28] = COLORS["red"]  # square off the top of the second circle: a worse circle
+    rough = score(spec, parse_scene(blurred))
+    assert 0.5 < rough["soft"] < clean["soft"]
+    image[20:30, 10:20][shape_mask("circle", 10, 10)] = COLORS["red"]  # a third red circle: hedging
+    assert score(spec, parse_scene(image))["soft"] == pytest.approx(2 / 3)
+    wrong_colour = np.where(image == np.array(COLORS["red"], np.uint8), np.array(COLORS["blue"], np.uint8), image)
+    assert score(spec, parse_scene(wrong_colour))["soft"] == 0.0
