@@ -27,6 +27,7 @@ from trainer.distributed import World, all_reduce_max, all_reduce_sum, global_na
 from trainer.engine import build_engine, optimizer_step
 from trainer.evaluate import evaluate
 from trainer.metrics import MetricsWriter, save_grid
+from trainer.plots import plot_curves
 from trainer.prompts import load_prompts, step_prompt_ids
 from trainer.rng import STREAM_ROLLOUT, STREAM_TRAIN, generator
 from trainer.rollout import rollout_chunks
@@ -211,5 +212,11 @@ def train(cfg: TrainConfig, world: World, run_dir: Path, resolved_yaml: str) -> 
     summary["wall_time_s"] = time.time() - t_start
     if world.is_main:
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        reward_keys = ["reward/total", *(f"reward/{n}" for n in rewards.rewards if len(rewards.rewards) > 1)]
+        eval_keys = [k for k in summary["eval_after"] if k.count("/") == 1 and k != "eval/num_prompts"]
+        plot_curves(rows, reward_keys, run_dir / "plots" / "reward.png", "training reward (mean over samples)")
+        plot_curves(rows, eval_keys, run_dir / "plots" / "eval.png", "held-out evaluation (ODE)")
+        plot_curves(rows, ["train/kl", "train/clip_frac"], run_dir / "plots" / "train.png", "KL to reference, clip fraction")
     writer.close()
     return summary

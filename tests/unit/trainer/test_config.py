@@ -49,7 +49,7 @@ def test_default_composes_to_typed_config_and_validates():
     cfg = _typed()
     assert isinstance(cfg, TrainConfig)
     assert cfg.exp_name == "toy_shapes_grpo"
-    assert set(cfg.rewards) == {"shapes"} and set(cfg.eval_rewards) == {"geneval"}
+    assert set(cfg.rewards) == {"jpeg", "shapes"} and set(cfg.eval_rewards) == {"geneval"}
     # The ${sf.root:} resolver points into this source tree, where the toy's assets ship.
     assert Path(cfg.data.prompts).parent.parent == REPO / "models" / "toy"
     validate(cfg, 1)
@@ -125,12 +125,12 @@ def test_all_violations_are_reported_at_once():
 def test_reward_weight_override():
     cfg = _typed(["rewards.shapes.weight=0.5"])
     assert cfg.rewards["shapes"]["weight"] == 0.5
-    assert _typed().rewards["shapes"]["weight"] == 1.0
+    assert _typed().rewards["shapes"]["weight"] == 0.0  # the default job only monitors it
 
 
 @pytest.mark.parametrize("removal", ["~reward@rewards.shapes", "~rewards.shapes"])
 def test_reward_removal_leaves_rewards_empty_and_validate_says_so(removal):
-    cfg = _typed([removal])
+    cfg = _typed([removal, removal.replace("shapes", "jpeg")])
     assert cfg.rewards == {}
     assert set(cfg.eval_rewards) == {"geneval"}  # only the named entry went
     with pytest.raises(ConfigError) as info:
@@ -140,10 +140,10 @@ def test_reward_removal_leaves_rewards_empty_and_validate_says_so(removal):
 
 
 def test_reward_added_by_name_from_the_group():
-    cfg = _typed(["+reward@rewards.jpeg=jpeg_compressibility", "rewards.jpeg.weight=0.25"])
-    assert set(cfg.rewards) == {"shapes", "jpeg"}
-    assert cfg.rewards["jpeg"]["_target_"] == "rewards.jpeg.JpegCompressibility"
-    assert cfg.rewards["jpeg"]["weight"] == 0.25 and cfg.rewards["shapes"]["weight"] == 1.0
+    cfg = _typed(["+reward@rewards.strict=shapes_correct", "rewards.strict.weight=0.25"])
+    assert set(cfg.rewards) == {"shapes", "jpeg", "strict"}
+    assert cfg.rewards["strict"]["_target_"] == "rewards.shapes.ShapesReward"
+    assert cfg.rewards["strict"]["weight"] == 0.25 and cfg.rewards["jpeg"]["weight"] == 1.0
     validate(cfg, 1)
 
 
