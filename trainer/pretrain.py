@@ -150,6 +150,12 @@ def model_card(row: dict, settings: dict) -> str:
     """The model card of one snapshot: what it is, how it was made, how well it does."""
     comps = ", ".join(f"{k.rsplit('/', 1)[-1]} {v:.3f}" for k, v in row.items()
                       if k.startswith("eval/shapes_total/") and not k.endswith(("/total", "/correct")))
+    cmd = (f"python -m launch.pretrain_toy steps={settings['steps']} batch={settings['batch']} lr={settings['lr']} "
+           f"layout={settings['layout']} t_sampling={settings['t_sampling']}")
+    origin = ""
+    if settings.get("init_from"):
+        cmd += f" init_from=<snapshot> decay={str(settings.get('decay', False)).lower()}"
+        origin = f" continued from {settings['init_from']}"
     return f"""# steerflow toy: shapes{settings['image_size']} (SD3 family, pixel space)
 
 A tiny text-to-image model of the Stable Diffusion 3 family, shipped with steerflow so that the real
@@ -159,8 +165,8 @@ RGB pixels in [-1, 1], no VAE), `text_encoder/` (CLIPTextModelWithProjection, 2 
 random and frozen), `tokenizer/` (word-level, CLIP's special tokens), `scheduler/` (flow matching, shift 1).
 
 ## How it was made
-`python -m launch.pretrain_toy steps={settings['steps']} batch={settings['batch']} lr={settings['lr']} layout={settings['layout']} t_sampling={settings['t_sampling']}`
-(this snapshot: step {row['step']}), seed {settings['seed']}, on one CPU thread ({row['time_s']:.0f} s); the transformer
+`{cmd}`
+(this snapshot: step {row['step']};{origin}), seed {settings['seed']}, on one CPU thread ({row['time_s']:.0f} s); the transformer
 was then stored in fp16 (`python -m launch.pretrain_toy ship_from=<snapshot>`), and the scores below are the stored model's.
 Rectified-flow loss (`trainer/flow_matching.py`), {settings['t_sampling']} times, AdamW, 200-step warm-up,
 {settings['cond_dropout']:.0%} empty captions (so classifier-free guidance works). Data: scenes of the shapes world
