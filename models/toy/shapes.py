@@ -226,10 +226,7 @@ def render(
             boxes.append((x, y, side))
         else:
             if spec.relation is None or _relation_holds(spec.relation, boxes[0], boxes[1]):
-                image = np.zeros((size, size, 3), dtype=np.uint8)
-                for (color, shape), (x, y, side) in zip(requests, boxes):
-                    image[y:y + side, x:x + side][shape_mask(shape, side, side)] = COLORS[color]
-                return image
+                return _draw(requests, boxes, size)
     raise RuntimeError(f"could not place {caption(spec)!r} on a {size}x{size} canvas in {max_tries} tries")
 
 
@@ -248,8 +245,13 @@ def _render_grid(spec: SceneSpec, rng: np.random.Generator, size: int, max_tries
             dx, dy = (int(v) for v in rng.integers(-jitter, jitter + 1, size=2))
             boxes.append((min(max(x0 + dx, 0), size - side), min(max(y0 + dy, 0), size - side), side))
         if spec.relation is None or _relation_holds(spec.relation, boxes[0], boxes[1]):
-            image = np.zeros((size, size, 3), dtype=np.uint8)
-            for (color, shape), (x, y, side) in zip(requests, boxes):
-                image[y:y + side, x:x + side][shape_mask(shape, side, side)] = COLORS[color]
-            return image
+            return _draw(requests, boxes, size)
     raise RuntimeError(f"could not place {caption(spec)!r} on a {size}x{size} grid in {max_tries} tries")
+
+
+def _draw(requests: list[tuple[str, str]], boxes: list[tuple[int, int, int]], size: int) -> np.ndarray:
+    """Paint each (colour, shape) request into its (x, y, side) box on a black uint8 [size, size, 3] canvas."""
+    image = np.zeros((size, size, 3), dtype=np.uint8)
+    for (color, shape), (x, y, side) in zip(requests, boxes):
+        image[y:y + side, x:x + side][shape_mask(shape, side, side)] = COLORS[color]
+    return image
