@@ -48,7 +48,6 @@ def sample(cfg: SampleConfig) -> Path:
     from safetensors.torch import load_file
     from tqdm import tqdm
 
-    from samplers.flow_sde import FlowSDESampler
     from trainer.checkpoint import CONFIG_FILE, POLICY_FILE
     from trainer.prompts import load_prompts
     from trainer.rng import STREAM_EVAL, seed_for
@@ -66,7 +65,8 @@ def sample(cfg: SampleConfig) -> Path:
     policy.load_trainable_state_dict(load_file(str(ckpt / POLICY_FILE)))
     steps = cfg.num_steps or run_cfg.sampler.eval_num_steps
     guidance = cfg.guidance_scale if cfg.guidance_scale is not None else run_cfg.sampler.guidance_scale
-    sampler = FlowSDESampler(noise_level=cfg.noise_level, num_steps=steps, guidance_scale=guidance)
+    # The run's sampler (window, log-prob reduction, ...) with this command's noise, steps and guidance.
+    sampler = instantiate(run_cfg.sampler, noise_level=cfg.noise_level, num_steps=steps, guidance_scale=guidance)
     prompts = load_prompts(cfg.prompts, "prompts")
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -122,7 +122,8 @@ class SD3Policy:
             self.transformer.add_adapter(
                 LoraConfig(r=lora_rank, lora_alpha=lora_alpha, init_lora_weights="gaussian", target_modules=list(lora_targets))
             )
-            # Adapters train in fp32 even on a bf16 base: their updates are small relative to the weights.
+            # Adapters start in fp32 even on a bf16 base (their updates are small relative to the
+            # weights); DeepSpeed's bf16 mode then keeps fp32 master copies and computes in bf16.
             for p in self.transformer.parameters():
                 if p.requires_grad:
                     p.data = p.data.float()
@@ -169,10 +170,12 @@ class SD3Policy:
         """
         for p in {*prompts, ""}:
             if p not in self._cache:
-                self._cache[p] = self._encode_one(p)
-        emb = torch.cat([self._cache[p][0] for p in prompts])
-        pooled = torch.cat([self._cache[p][1] for p in prompts])
-        neg, neg_pooled = self._cache[""]
+                # Cached on the CPU: SD3.5's embedding is ~2.7 MB per prompt, too much to keep per GPU
+                # for prompt sets of tens of thousands.
+                self._cache[p] = tuple(t.cpu() for t in self._encode_one(p))
+        emb = torch.cat([self._cache[p][0] for p in prompts]).to(self.device)
+        pooled = torch.cat([self._cache[p][1] for p in prompts]).to(self.device)
+        neg, neg_pooled = (t.to(self.device) for t in self._cache[""])
         return TextCond(emb, pooled, neg.expand(len(prompts), -1, -1), neg_pooled.expand(len(prompts), -1))
 
     # ------------------------------------------------------------- denoiser

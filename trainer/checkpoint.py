@@ -5,6 +5,7 @@ reader never sees a half-written one.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -16,6 +17,16 @@ from trainer.distributed import World, barrier
 
 POLICY_FILE = "policy.safetensors"
 CONFIG_FILE = "config.yaml"
+
+
+def _full_parameters(engine, policy):
+    """ZeRO-3 keeps only a shard of each parameter per rank: gather them (a collective, all ranks)."""
+    if engine.zero_optimization_stage() != 3:
+        return contextlib.nullcontext()
+    import deepspeed
+
+    params = [p for p in policy.transformer.parameters() if p.requires_grad]
+    return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
 
 
 def save_checkpoint(engine, policy, run_dir: Path, step: int, resolved_yaml: str, world: World) -> Path:
@@ -31,8 +42,10 @@ def save_checkpoint(engine, policy, run_dir: Path, step: int, resolved_yaml: str
         tmp.mkdir(parents=True)
     barrier()
     engine.save_checkpoint(str(tmp), tag="engine", client_state={"step": step})
+    with _full_parameters(engine, policy):
+        state = policy.trainable_state_dict() if world.is_main else None
     if world.is_main:
-        save_file(policy.trainable_state_dict(), str(tmp / POLICY_FILE))
+        save_file(state, str(tmp / POLICY_FILE))
         (tmp / CONFIG_FILE).write_text(resolved_yaml)
         (tmp / "meta.json").write_text(json.dumps({"step": step, "finetune": policy.finetune}) + "\n")
     barrier()

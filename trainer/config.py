@@ -154,6 +154,11 @@ def validate(cfg: TrainConfig, world_size: int) -> None:
         p.append(f"sampler.window_size ({s.window_size}) must be >= 1 or null (all steps)")
     if s.log_prob_reduction not in ("mean", "sum"):
         p.append(f"sampler.log_prob_reduction ({s.log_prob_reduction!r}) must be 'mean' or 'sum'")
+    if a.name != "grpo":
+        p.append(f"algorithm.name ({a.name!r}): this build trains 'grpo' only")
+    shared = sorted(set(cfg.rewards) & set(cfg.eval_rewards))
+    if shared:
+        p.append(f"rewards and eval_rewards share the name(s) {shared}: their eval/<name> metrics would collide; rename one")
     if not cfg.rewards:
         p.append("rewards is empty: add one, e.g. +reward@rewards.shapes=shapes")
     for name, r in {**cfg.rewards, **cfg.eval_rewards}.items():

@@ -35,6 +35,9 @@ def init_distributed(device: str = "auto", backend: str = "auto") -> World:
     ``python -m launch.train`` gets a one-process group on a free loopback port, so the same code
     path runs everywhere.
     """
+    if device == "cpu":
+        # Otherwise DeepSpeed detects the GPU and moves the model there behind the policy's back.
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
     import deepspeed
 
     if "RANK" not in os.environ:
@@ -64,12 +67,18 @@ def set_threads(num_threads: int, world: World) -> int:
     return num_threads
 
 
+def _comm_device() -> torch.device:
+    """Where collective buffers must live: NCCL only moves CUDA tensors, gloo only CPU ones."""
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def all_gather_cat(t: torch.Tensor) -> torch.Tensor:
     """Concatenate equal-shaped tensors from every rank along dim 0, in rank order."""
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return t
-    backend_device = t.device if dist.get_backend() == "nccl" else torch.device("cpu")
-    local = t.to(backend_device).contiguous()
+    local = t.to(_comm_device()).contiguous()
     parts = [torch.empty_like(local) for _ in range(dist.get_world_size())]
     dist.all_gather(parts, local)
     return torch.cat(parts).to(t.device)
@@ -85,8 +94,7 @@ def all_reduce_max(t: torch.Tensor) -> torch.Tensor:
 
 def _all_reduce(t: torch.Tensor, op) -> torch.Tensor:
     if dist.is_initialized() and dist.get_world_size() > 1:
-        backend_device = t.device if dist.get_backend() == "nccl" else torch.device("cpu")
-        local = t.to(backend_device).clone()
+        local = t.to(_comm_device()).clone()
         dist.all_reduce(local, op=op)
         return local.to(t.device)
     return t

@@ -5,11 +5,20 @@ import torch
 from hydra.utils import instantiate
 
 
-def deepspeed_config(ds_cfg, micro_batch: int, grad_accum: int, world_size: int, max_grad_norm: float, device: torch.device) -> dict:
-    """The DeepSpeed JSON config derived from steerflow's typed knobs (never written by hand)."""
-    precision = ds_cfg.precision
-    if precision == "auto":
-        precision = "bf16" if device.type == "cuda" else "fp32"
+def deepspeed_config(ds_cfg, micro_batch: int, grad_accum: int, world_size: int, max_grad_norm: float,
+                     model_dtype: torch.dtype) -> dict:
+    """The DeepSpeed JSON config derived from steerflow's typed knobs (never written by hand).
+
+    precision "auto" follows the model's dtype (model.dtype): DeepSpeed's bf16 mode casts the module,
+    so a different choice here would feed bf16 weights fp32 inputs (or the reverse).
+    """
+    model_precision = "bf16" if model_dtype == torch.bfloat16 else "fp32"
+    precision = model_precision if ds_cfg.precision == "auto" else ds_cfg.precision
+    if precision != model_precision:
+        raise ValueError(
+            f"deepspeed.precision={ds_cfg.precision!r} disagrees with the model's dtype ({model_dtype}); "
+            "set deepspeed.precision=auto, or model.dtype to match"
+        )
     return {
         "train_micro_batch_size_per_gpu": micro_batch,
         "gradient_accumulation_steps": grad_accum,
@@ -34,7 +43,7 @@ def build_engine(policy, optimizer_cfg, ds_cfg, micro_batch: int, grad_accum: in
     if not params:
         raise ValueError("the policy has no trainable parameters; check model.finetune and model.lora_targets")
     optimizer = instantiate(optimizer_cfg)(params)
-    config = deepspeed_config(ds_cfg, micro_batch, grad_accum, world_size, max_grad_norm, policy.device)
+    config = deepspeed_config(ds_cfg, micro_batch, grad_accum, world_size, max_grad_norm, policy.dtype)
     engine, optimizer, _, _ = deepspeed.initialize(model=policy.transformer, optimizer=optimizer, config=config)
     return engine, optimizer
 

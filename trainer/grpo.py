@@ -87,13 +87,16 @@ def train(cfg: TrainConfig, world: World, run_dir: Path, resolved_yaml: str) -> 
     """Run GRPO as configured; returns the summary written to ``run_dir/summary.json``."""
     t_start = time.time()
     algo, tcfg = cfg.algorithm, cfg.train
+    prompts = load_prompts(cfg.data.prompts)
+    eval_prompts = load_prompts(cfg.data.eval_prompts, "data.eval_prompts")
+    if cfg.data.prompts_per_step > len(prompts):  # checked before the model loads
+        raise ValueError(f"data.prompts_per_step ({cfg.data.prompts_per_step}) exceeds the {len(prompts)} prompts in "
+                         f"data.prompts={cfg.data.prompts!r}; lower it or add prompts")
     # Seeded before the model is built: LoRA's random init draws from the global generator.
     torch.manual_seed(cfg.seed)
     policy = instantiate(cfg.model, device=str(world.device), needs_reference=algo.kl_beta > 0)
     sampler: FlowSDESampler = instantiate(asdict(cfg.sampler))
     eval_sampler = FlowSDESampler(noise_level=0.0, num_steps=sampler.eval_num_steps, guidance_scale=sampler.guidance_scale)
-    prompts = load_prompts(cfg.data.prompts)
-    eval_prompts = load_prompts(cfg.data.eval_prompts, "data.eval_prompts")
     if cfg.data.eval_size:
         eval_prompts = eval_prompts[: cfg.data.eval_size]
     rewards = RewardEnsemble(cfg.rewards)
