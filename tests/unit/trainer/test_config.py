@@ -270,3 +270,10 @@ def test_optimizer_steps_must_split_the_micro_batches_evenly():
     validate(cfg, 2)  # 2 per rank -> 2 steps of 1
     with pytest.raises(ConfigError, match=r"algorithm.optimizer_steps_per_epoch \(2\)"):
         validate(cfg, 4)  # 1 micro-batch per rank cannot make 2 optimizer steps
+
+
+def test_unknown_algorithm_name_and_colliding_reward_names_are_reported():
+    with pytest.raises(ConfigError) as info:
+        validate(_typed(["algorithm.name=dpo", "+reward@eval_rewards.jpeg=jpeg_compressibility"]), 1)
+    msg = str(info.value)
+    assert "algorithm.name ('dpo')" in msg and "share the name(s) ['jpeg']" in msg
