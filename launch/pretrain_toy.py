@@ -34,10 +34,12 @@ class PretrainConfig:
     layout: str = "grid"  # "free": continuous placement (harder; a longer benchmark)
     init_from: Optional[str] = None  # continue from a snapshot folder instead of a random init
     decay: bool = False  # cosine-anneal the learning rate to 10% over the run
+    warmup: int = 200  # linear learning-rate warm-up steps (1 when continuing from a snapshot)
     prompt_dir: str = str(Path(__file__).resolve().parents[1] / "models" / "toy" / "prompts")
     # Ship mode: copy snapshot `ship_from` into `ship_to` (fp16), re-score it and write its model card.
     ship_from: Optional[str] = None
-    ship_to: str = str(Path(__file__).resolve().parents[1] / "models" / "toy" / "weights" / "shapes32")
+    ship_to: Optional[str] = None  # default: models/toy/weights/<world><image_size>
+    world: str = "shapes"  # "shapes" (GenEval-like scenes) or "digits" (sklearn's digits; use image_size=16)
 
 
 ConfigStore.instance().store(name="pretrain_toy", node=PretrainConfig)
@@ -53,14 +55,17 @@ def main(cfg: PretrainConfig) -> None:
     if cfg.ship_from:
         from trainer.pretrain import ship_snapshot
 
-        row = ship_snapshot(Path(cfg.ship_from), Path(cfg.ship_to), cfg.image_size, cfg.seed, cfg.eval_prompts,
-                            prompt_dir=Path(cfg.prompt_dir))
-        print(f"shipped {cfg.ship_from} -> {cfg.ship_to}: {row}")
+        ship_to = Path(cfg.ship_to or Path(__file__).resolve().parents[1] / "models" / "toy" / "weights"
+                       / f"{cfg.world}{cfg.image_size}")
+        row = ship_snapshot(Path(cfg.ship_from), ship_to, cfg.image_size, cfg.seed, cfg.eval_prompts,
+                            prompt_dir=Path(cfg.prompt_dir), world_name=cfg.world, layout=cfg.layout)
+        print(f"shipped {cfg.ship_from} -> {ship_to}: {row}")
         return
     pretrain_toy(Path(cfg.out), cfg.steps, cfg.batch, cfg.lr, cfg.eval_every, cfg.image_size, cfg.seed,
                  Path(cfg.prompt_dir), eval_prompts=cfg.eval_prompts,
                  t_sampling=cfg.t_sampling, layout=cfg.layout,
-                 init_from=Path(cfg.init_from) if cfg.init_from else None, decay=cfg.decay)
+                 init_from=Path(cfg.init_from) if cfg.init_from else None, decay=cfg.decay, world_name=cfg.world,
+                 warmup=cfg.warmup)
 
 
 if __name__ == "__main__":

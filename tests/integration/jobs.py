@@ -9,8 +9,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 
-# A small, fast GRPO job on the shipped toy (about 10 s per step on one thread).
+# A small, fast GRPO job on the shipped shapes toy (about 1 s per step on one thread).
 SMALL = [
+    "experiment=toy_shapes",
     "data.prompts_per_step=4", "algorithm.group_size=4", "train.micro_batch=8", "data.eval_size=16",
     # eval_batch 8 = the per-rank share with 2 processes: equal chunk shapes give bitwise equal samples.
     "logger=none", "train.progress=false", "train.num_threads=1", "train.eval_batch=8",

@@ -29,7 +29,14 @@ def _compose(overrides=(), config_dir=CONF):
         return compose("train", overrides=list(overrides))
 
 
+# The reward-dict tests below use the shapes experiment's reward names (jpeg trained, shapes monitored).
+SHAPES = "experiment=toy_shapes"
+
+
 def _typed(overrides=(), config_dir=CONF) -> TrainConfig:
+    overrides = list(overrides)
+    if not any(o.startswith("experiment=") for o in overrides):
+        overrides = [SHAPES, *overrides]
     return OmegaConf.to_object(_compose(overrides, config_dir))
 
 
@@ -46,13 +53,17 @@ def _leaves(node, prefix=""):
 
 
 def test_default_composes_to_typed_config_and_validates():
-    cfg = _typed()
+    cfg = OmegaConf.to_object(_compose([]))  # the bare default: the digits toy job
     assert isinstance(cfg, TrainConfig)
-    assert cfg.exp_name == "toy_shapes_grpo"
-    assert set(cfg.rewards) == {"jpeg", "shapes"} and set(cfg.eval_rewards) == {"geneval"}
+    assert cfg.exp_name == "toy_digits_grpo"
+    assert set(cfg.rewards) == {"digit"} and set(cfg.eval_rewards) == {"accuracy"}
     # The ${sf.root:} resolver points into this source tree, where the toy's assets ship.
     assert Path(cfg.data.prompts).parent.parent == REPO / "models" / "toy"
+    assert (Path(cfg.model["path"]) / "model_index.json").is_file()  # the shipped digits base
     validate(cfg, 1)
+    shapes = _typed()
+    assert set(shapes.rewards) == {"jpeg", "shapes"} and set(shapes.eval_rewards) == {"geneval"}
+    validate(shapes, 1)
 
 
 # --- typos and wrong types fail at compose time, naming the key ------------------------------

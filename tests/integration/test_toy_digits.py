@@ -1,0 +1,22 @@
+"""The default job (GRPO on the digits toy) through the real CLI."""
+from __future__ import annotations
+
+import json
+import sys
+
+from jobs import run
+
+
+def test_default_job_raises_digit_accuracy_in_a_few_steps(tmp_path):
+    """A short version of `make train`: the verifiable reward and the evaluation accuracy both rise
+    (measured on the CI machine, one thread: accuracy 0.46 -> 0.52, probability 0.462 -> 0.499).
+
+    Fixed seeds make the outcome deterministic on CPU; a sign error, a detached log-prob, a prompt/
+    sample misalignment or a broken optimizer step leaves both flat or falling.
+    """
+    run([sys.executable, "-m", "launch.train", f"run_dir={tmp_path}", "logger=none", "train.progress=false",
+         "train.num_threads=1", "train.steps=20"], timeout=900)
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    before, after = summary["eval_before"], summary["eval_after"]
+    assert after["eval/digit"] > before["eval/digit"] + 0.02, (before, after)
+    assert after["eval/accuracy"] > before["eval/accuracy"] + 0.03, (before, after)
