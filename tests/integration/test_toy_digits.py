@@ -4,6 +4,8 @@ from __future__ import annotations
 import json
 import sys
 
+import pytest
+
 from jobs import run
 
 
@@ -20,3 +22,14 @@ def test_default_job_raises_digit_accuracy_in_a_few_steps(tmp_path):
     before, after = summary["eval_before"], summary["eval_after"]
     assert after["eval/digit"] > before["eval/digit"] + 0.02, (before, after)
     assert after["eval/accuracy"] > before["eval/accuracy"] + 0.03, (before, after)
+
+
+@pytest.mark.slow
+def test_the_readme_main_job(tmp_path):
+    """`make train` as the README runs it (50 steps, cores/processes threads): accuracy rises (measured 0.46 -> 0.50)."""
+    run([sys.executable, "-m", "launch.train", f"run_dir={tmp_path}", "logger=none", "train.progress=false"],
+        timeout=900, threads=2)
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    before, after = summary["eval_before"], summary["eval_after"]
+    assert after["eval/accuracy"] > before["eval/accuracy"] + 0.02, (before, after)
+    assert after["eval/digit"] > before["eval/digit"] + 0.02, (before, after)
