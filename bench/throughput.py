@@ -88,7 +88,7 @@ def main(overrides: list[str]) -> dict:
     step_time = sum(r["time/step"] for r in steps)
     result = {
         "bench": "throughput",
-        "config": " ".join(overrides) or "default (toy_shapes)",
+        "config": " ".join(overrides) or f"default ({cfg.exp_name})",
         "device": str(world.device),
         "threads": threads,
         "world_size": world.world_size,
