@@ -1,5 +1,5 @@
 # Two commands do all the set-up on a fresh machine (Python 3.10+, no GPU needed):
-#   make train   - create .venv, install, run the embedded default job (GRPO on the toy, CPU, ~4 min)
+#   make train   - create .venv, install, run the embedded default job (GRPO on the digits toy, CPU, ~3 min)
 #   make test    - create .venv, install, run the test suite (what CI runs)
 # TORCH picks the torch build: the default is the CPU wheel; on a CUDA machine use e.g. `make TORCH=torch train`.
 PYTHON ?= python3
