@@ -11,7 +11,7 @@ from jobs import run
 
 def test_default_job_raises_digit_accuracy_in_a_few_steps(tmp_path):
     """A short version of `make train`: the verifiable reward and the evaluation accuracy both rise
-    (measured on the CI machine, one thread: accuracy 0.46 -> 0.52, probability 0.462 -> 0.499).
+    (measured on the CI machine, one thread: accuracy 0.46 -> 0.54, probability 0.462 -> 0.523).
 
     Fixed seeds make the outcome deterministic on CPU; a sign error, a detached log-prob, a prompt/
     sample misalignment or a broken optimizer step leaves both flat or falling.
@@ -20,16 +20,16 @@ def test_default_job_raises_digit_accuracy_in_a_few_steps(tmp_path):
          "train.num_threads=1", "train.steps=20"], timeout=900)
     summary = json.loads((tmp_path / "summary.json").read_text())
     before, after = summary["eval_before"], summary["eval_after"]
-    assert after["eval/digit"] > before["eval/digit"] + 0.02, (before, after)
-    assert after["eval/accuracy"] > before["eval/accuracy"] + 0.03, (before, after)
+    assert after["eval/digit"] > before["eval/digit"] + 0.04, (before, after)
+    assert after["eval/accuracy"] > before["eval/accuracy"] + 0.05, (before, after)
 
 
 @pytest.mark.slow
 def test_the_readme_main_job(tmp_path):
-    """`make train` as the README runs it (50 steps, cores/processes threads): accuracy rises (measured 0.46 -> 0.50)."""
+    """`make train` as the README runs it (50 steps, cores/processes threads): accuracy rises (measured 0.46 -> 0.58)."""
     run([sys.executable, "-m", "launch.train", f"run_dir={tmp_path}", "logger=none", "train.progress=false"],
         timeout=900, threads=2)
     summary = json.loads((tmp_path / "summary.json").read_text())
     before, after = summary["eval_before"], summary["eval_after"]
-    assert after["eval/accuracy"] > before["eval/accuracy"] + 0.02, (before, after)
-    assert after["eval/digit"] > before["eval/digit"] + 0.02, (before, after)
+    assert after["eval/accuracy"] > before["eval/accuracy"] + 0.08, (before, after)
+    assert after["eval/digit"] > before["eval/digit"] + 0.08, (before, after)
