@@ -23,7 +23,7 @@ from samplers.flow_sde import FlowSDESampler
 from trainer.advantages import distributed_group_advantages
 from trainer.checkpoint import save_checkpoint
 from trainer.config import TrainConfig
-from trainer.distributed import World, all_reduce_max, all_reduce_sum, global_nanmean
+from trainer.distributed import World, all_reduce_max, global_nanmean
 from trainer.engine import build_engine, optimizer_step
 from trainer.evaluate import evaluate
 from trainer.metrics import MetricsWriter, save_grid
@@ -63,16 +63,6 @@ def grpo_loss(
         "log_ratio_abs_max": log_ratio.abs().max().detach(),
     }
     return loss, stats
-
-
-def _global_means(sums: dict[str, torch.Tensor], count: float) -> dict[str, float]:
-    """Mean over all ranks of quantities each rank summed over ``count`` items (equal counts per rank)."""
-    if not sums:
-        return {}
-    keys = sorted(sums)
-    packed = torch.stack([sums[k].detach().float().cpu().reshape(()) for k in keys] + [torch.tensor(float(count))])
-    packed = all_reduce_sum(packed)
-    return {k: (packed[i] / packed[-1]).item() for i, k in enumerate(keys)}
 
 
 def _reward_values(result) -> dict[str, torch.Tensor]:
@@ -149,8 +139,7 @@ def train(cfg: TrainConfig, world: World, run_dir: Path, resolved_yaml: str) -> 
         # --- policy update: optimizer_steps_per_epoch optimizer steps per inner epoch (DeepSpeed
         # accumulates over chunks x trained steps and steps the optimizer at each boundary).
         g = generator(cfg.seed, STREAM_TRAIN, step)
-        stat_sums: dict[str, torch.Tensor] = {}
-        n_micro = 0
+        step_stats: dict[str, list[torch.Tensor]] = {}  # one value per micro-step
         onpolicy_dev = torch.zeros(())
         grad_norms: list[float] = []
         for epoch in range(algo.inner_epochs):
@@ -183,12 +172,11 @@ def train(cfg: TrainConfig, world: World, run_dir: Path, resolved_yaml: str) -> 
                     stats["loss"] = loss.detach()
                     for k, v in stats.items():
                         if k != "log_ratio_abs_max":
-                            stat_sums[f"train/{k}"] = stat_sums.get(f"train/{k}", 0) + v.cpu()
-                    n_micro += 1
+                            step_stats.setdefault(f"train/{k}", []).append(v.cpu())
         t_train = time.time()
 
         metrics = global_nanmean(_reward_values(scored))
-        metrics.update(_global_means(stat_sums, n_micro))
+        metrics.update(global_nanmean({k: torch.stack(v) for k, v in step_stats.items()}))
         metrics["train/onpolicy_log_ratio_max"] = float(all_reduce_max(onpolicy_dev.reshape(1))[0])
         metrics["train/grad_norm"] = sum(grad_norms) / len(grad_norms)
         metrics["train/lr"] = optimizer.param_groups[0]["lr"]
