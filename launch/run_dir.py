@@ -6,7 +6,10 @@ from pathlib import Path
 
 # Override prefixes that do not change results (where things go, how they are shown, how many
 # threads): relaunching with a different value of these finds the same run.
-INFRA_PREFIXES = ("run_dir", "logger", "train.progress", "train.num_threads", "train.device", "hydra", "exp_name")
+INFRA_PREFIXES = (
+    "run_dir", "logger", "train.progress", "train.num_threads", "train.device", "hydra", "exp_name", "train.resume",
+    "train.save_every", "train.keep_last", "train.max_consecutive_skips", "train.requeue", "train.grid_every",
+)
 
 
 def result_overrides(overrides: list[str]) -> list[str]:

@@ -38,36 +38,65 @@ def _strip_launcher_args() -> None:
 def _main(dcfg: DictConfig) -> None:
     from launch.run_dir import default_run_dir
     from trainer.config import validate
-    from trainer.distributed import init_distributed, set_threads
+    from trainer.distributed import init_distributed, set_threads, shutdown_distributed
     from trainer.grpo import train
+    from trainer.preemption import EXIT_PREEMPTED, Preempted, StopRequests
+    from trainer.resume import prepare_resume
 
     cfg = OmegaConf.to_object(dcfg)
     world = init_distributed(cfg.train.device, cfg.deepspeed.backend)
-    validate(cfg, world.world_size)
-    set_threads(cfg.train.num_threads, world)
-    run_dir = Path(cfg.run_dir) if cfg.run_dir else default_run_dir(cfg.exp_name, list(HydraConfig.get().overrides.task))
-    if (run_dir / "metrics.jsonl").exists():
-        # Never append to or overwrite another run's outputs.
-        raise FileExistsError(
-            f"{run_dir} already holds a run (metrics.jsonl). Resuming is not implemented yet: pass run_dir=<new folder> "
-            f"or move {run_dir} away."
-        )
-    run_dir.mkdir(parents=True, exist_ok=True)
-    resolved = OmegaConf.to_yaml(dcfg, resolve=True)
-    if world.is_main:
-        (run_dir / "config.yaml").write_text(resolved)
-    summary = train(cfg, world, run_dir, resolved)
-    if world.is_main:
-        print(f"\nrun directory: {run_dir}")
-        print(f"  metrics:     {run_dir / 'metrics.jsonl'}")
-        print(f"  samples:     {run_dir / 'samples'}")
-        print(f"  checkpoint:  {summary['checkpoint']}")
-        print(f"  summary:     {run_dir / 'summary.json'}")
-        print(f"  plots:       {run_dir / 'plots'}")
-        for key in sorted(summary["eval_before"]):
-            if key.count("/") == 1 and key != "eval/num_prompts":  # per reward; components are in the files
-                print(f"  {key}: {summary['eval_before'][key]:.3f} -> {summary['eval_after'][key]:.3f}")
-        print(f"  wall time:   {summary['wall_time_s']:.0f} s")
+    ok = False
+    try:
+        validate(cfg, world.world_size)
+        set_threads(cfg.train.num_threads, world)
+        run_dir = Path(cfg.run_dir) if cfg.run_dir else default_run_dir(cfg.exp_name, list(HydraConfig.get().overrides.task))
+        resolved = OmegaConf.to_yaml(dcfg, resolve=True)
+        resume = prepare_resume(cfg.train.resume, run_dir, resolved, world, cfg.deepspeed.zero_stage)
+        if resume.step > cfg.train.steps:
+            raise ValueError(f"{resume.checkpoint} is at step {resume.step}, beyond train.steps={cfg.train.steps}; "
+                             "raise train.steps or start over with train.resume=fresh")
+        if resume.step == cfg.train.steps and (run_dir / "summary.json").is_file():
+            if world.is_main:
+                print(f"{run_dir} is already complete ({resume.step} steps); nothing to do. "
+                      "Raise train.steps to continue it, or train.resume=fresh to run it again.")
+            ok = True
+            return
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if world.is_main:
+            (run_dir / "config.yaml").write_text(resolved)
+        try:
+            with StopRequests() as stop:
+                summary = train(cfg, world, run_dir, resolved, resume, stop)
+        except Preempted as p:
+            if world.is_main:
+                print(f"\n{p}. Relaunch the same command to continue (exit code {EXIT_PREEMPTED}).", flush=True)
+                if p.requeue and cfg.train.requeue and os.environ.get("SLURM_JOB_ID"):
+                    from trainer.slurm import requeue
+
+                    requeue()
+            shutdown_distributed()
+            sys.exit(EXIT_PREEMPTED)
+        _report(summary, run_dir, world)
+        ok = True
+    finally:
+        # Multirun: the next job builds its own process group and engine in this same process. After a
+        # failure no barrier: the other ranks may be stuck in another collective.
+        shutdown_distributed(clean=ok)
+
+
+def _report(summary: dict, run_dir: Path, world) -> None:
+    if not world.is_main:
+        return
+    print(f"\nrun directory: {run_dir}")
+    print(f"  metrics:     {run_dir / 'metrics.jsonl'}")
+    print(f"  samples:     {run_dir / 'samples'}")
+    print(f"  checkpoint:  {summary['checkpoint']}")
+    print(f"  summary:     {run_dir / 'summary.json'}")
+    print(f"  plots:       {run_dir / 'plots'}")
+    for key in sorted(summary["eval_before"]):
+        if key.count("/") == 1 and key != "eval/num_prompts":  # per reward; components are in the files
+            print(f"  {key}: {summary['eval_before'][key]:.3f} -> {summary['eval_after'][key]:.3f}")
+    print(f"  wall time:   {summary['wall_time_s']:.0f} s")
 
 
 def main() -> None:

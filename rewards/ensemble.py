@@ -55,5 +55,18 @@ class RewardEnsemble:
             if out.shape[0] != len(prompts):
                 raise RuntimeError(f"reward {name!r} returned {out.shape[0]} scores for {len(prompts)} images")
             per_reward[name] = out
-        total = sum(self.weights[n] * r for n, r in per_reward.items())
+        # Monitors (weight 0) stay out of the sum: 0 * NaN would turn a monitor's gap into a NaN total.
+        trained = [self.weights[n] * r for n, r in per_reward.items() if self.weights[n] != 0]
+        total = sum(trained) if trained else torch.zeros(len(prompts))
         return RewardResult(total=total, per_reward=per_reward, components=components)
+
+    def state_dict(self) -> dict:
+        """State of the rewards that change during training (those defining ``state_dict``), by name."""
+        return {n: r.state_dict() for n, r in self.rewards.items() if hasattr(r, "state_dict")}
+
+    def load_state_dict(self, state: dict) -> None:
+        missing = sorted(n for n, r in self.rewards.items() if hasattr(r, "state_dict") and n not in state)
+        if missing:
+            raise KeyError(f"the checkpoint holds no state for reward(s) {missing}; they were added after it was saved")
+        for name, s in state.items():
+            self.rewards[name].load_state_dict(s)

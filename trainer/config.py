@@ -61,7 +61,11 @@ class TrainLoopConfig:
     micro_batch: int = 8  # samples per forward/backward (and per rollout chunk)
     eval_every: int = 0  # 0 = only before and after
     eval_batch: int = 32
-    save_every: int = 0  # 0 = only at the end
+    save_every: int = 0  # 0 = only at the end (and when a stop signal arrives)
+    keep_last: int = 2  # complete checkpoints kept (0 = all); older ones are pruned after a new one is complete
+    resume: str = "auto"  # "auto": continue from the newest complete checkpoint | "fresh": move the old run aside | a checkpoint folder
+    requeue: bool = True  # under SLURM, requeue the job after saving on SIGUSR1/SIGUSR2 (time limit ahead)
+    max_consecutive_skips: int = 5  # abort after this many consecutive updates skipped for NaN/inf
     grid_every: int = 5
     num_threads: int = 0  # torch threads per process on CPU; 0 = cores / local processes
     device: str = "auto"  # "auto" | "cpu" | "cuda"
@@ -92,6 +96,7 @@ class TrainConfig:
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
     algorithm: GRPOConfig = field(default_factory=GRPOConfig)
     optimizer: Any = MISSING
+    scheduler: Any = None  # torch LR scheduler over the optimizer (_partial_: true), e.g. scheduler=warmup
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     data: DataConfig = field(default_factory=DataConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
@@ -173,5 +178,13 @@ def validate(cfg: TrainConfig, world_size: int) -> None:
         p.append(f"deepspeed.zero_stage ({cfg.deepspeed.zero_stage}) must be 0, 1, 2 or 3")
     if t.steps < 0:
         p.append(f"train.steps ({t.steps}) must be >= 0")
+    if t.keep_last < 0 or t.save_every < 0:
+        p.append(f"train.keep_last ({t.keep_last}) and train.save_every ({t.save_every}) must be >= 0")
+    if t.max_consecutive_skips < 1:
+        p.append(f"train.max_consecutive_skips ({t.max_consecutive_skips}) must be >= 1")
+    if t.resume not in ("auto", "fresh") and not (Path(t.resume) / "COMPLETE.json").is_file():
+        p.append(f"train.resume ({t.resume!r}) must be 'auto', 'fresh' or a complete checkpoint folder (with COMPLETE.json)")
+    if cfg.rewards and all(isinstance(r, dict) and r.get("weight", 1.0) == 0 for r in cfg.rewards.values()):
+        p.append("every reward in rewards has weight 0 (monitors only): give at least one a non-zero weight to train on")
     if p:
         raise ConfigError(p)

@@ -1,8 +1,10 @@
-"""DeepSpeed engine around the policy's trainable network."""
+"""DeepSpeed engine around the policy's trainable network, and the guard that keeps non-finite updates out."""
 from __future__ import annotations
 
 import torch
 from hydra.utils import instantiate
+
+from trainer.distributed import all_reduce_max
 
 
 def deepspeed_config(ds_cfg, micro_batch: int, grad_accum: int, world_size: int, max_grad_norm: float,
@@ -31,11 +33,54 @@ def deepspeed_config(ds_cfg, micro_batch: int, grad_accum: int, world_size: int,
     }
 
 
-def build_engine(policy, optimizer_cfg, ds_cfg, micro_batch: int, grad_accum: int, world_size: int, max_grad_norm: float):
+class NonFiniteGuard:
+    """Skips, on every rank, an optimizer step whose gradients hold a NaN or inf.
+
+    It replaces the torch optimizer's ``step`` on the instance, so it runs wherever DeepSpeed calls
+    it: after the all-reduce (ZeRO 0) or on each rank's fp32 partition after reduction and clipping
+    (ZeRO 1-3). One all-reduce makes every rank agree, because under ZeRO each rank sees only its
+    shard. A skipped step leaves weights and optimizer state untouched (DeepSpeed clears the grads).
+    ``force_skip`` lets the loop veto the step (e.g. a non-finite loss with finite gradients).
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer):
+        self._step = optimizer.step
+        optimizer.step = self.step
+        self.optimizer = optimizer
+        self.force_skip = False
+        self.last_skipped = False
+
+    def before_boundary(self) -> None:
+        self.last_skipped = False
+
+    def step(self, closure=None):
+        grads = [p.grad for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None]
+        bad = self.force_skip
+        if grads and not bad:
+            # One flag for all tensors: one device sync instead of one per parameter.
+            bad = not bool(torch.stack([torch.isfinite(g).all() for g in grads]).all())
+        flag = torch.tensor([1.0 if bad else 0.0], device=grads[0].device if grads else "cpu")
+        self.last_skipped = bool(all_reduce_max(flag)[0] > 0)
+        self.force_skip = False
+        # DeepSpeed reads ``overflow`` from the optimizer it steps directly (ZeRO 0): it then counts
+        # the step as skipped and does not advance the LR schedule. (ZeRO >= 1 wrappers keep their own flag.)
+        self.optimizer.overflow = self.last_skipped
+        if self.last_skipped:
+            return None
+        return self._step(closure) if closure is not None else self._step()
+
+
+def build_engine(
+    policy, optimizer_cfg, ds_cfg, micro_batch: int, grad_accum: int, world_size: int, max_grad_norm: float,
+    scheduler_cfg=None, load_universal: bool = False,
+):
     """Wrap ``policy.transformer`` in a DeepSpeed engine with the configured torch optimizer.
 
     ``optimizer_cfg`` is a Hydra node with ``_partial_: true`` (e.g. torch.optim.AdamW); it gets the
-    trainable parameters only (LoRA adapters, or everything for full fine-tuning).
+    trainable parameters only (LoRA adapters, or everything for full fine-tuning). ``scheduler_cfg``
+    (optional, ``_partial_: true``) is a torch LR scheduler over that optimizer; DeepSpeed steps it
+    once per optimizer step that is applied and saves it in checkpoints.
+    Returns (engine, the torch optimizer, NonFiniteGuard).
     """
     import deepspeed
 
@@ -43,24 +88,38 @@ def build_engine(policy, optimizer_cfg, ds_cfg, micro_batch: int, grad_accum: in
     if not params:
         raise ValueError("the policy has no trainable parameters; check model.finetune and model.lora_targets")
     optimizer = instantiate(optimizer_cfg)(params)
+    guard = NonFiniteGuard(optimizer)
+    scheduler = instantiate(scheduler_cfg)(optimizer) if scheduler_cfg else None
     config = deepspeed_config(ds_cfg, micro_batch, grad_accum, world_size, max_grad_norm, policy.dtype)
-    engine, optimizer, _, _ = deepspeed.initialize(model=policy.transformer, optimizer=optimizer, config=config)
-    return engine, optimizer
+    if load_universal:
+        config["checkpoint"] = {"load_universal": True}
+    engine, _, _, _ = deepspeed.initialize(
+        model=policy.transformer, optimizer=optimizer, lr_scheduler=scheduler, config=config
+    )
+    return engine, optimizer, guard
 
 
-def optimizer_step(engine) -> float | None:
-    """``engine.step()``; at an accumulation boundary also return the global gradient norm (pre-clipping).
+def optimizer_step(engine, guard: NonFiniteGuard) -> tuple[float | None, bool]:
+    """``engine.step()``; at an accumulation boundary return (global gradient norm before clipping,
+    whether the step was skipped as non-finite), else (None, False).
 
     ZeRO 0 keeps whole, already all-reduced gradients in ``p.grad``, and DeepSpeed does not record
     their norm, so it is computed here before the step; ZeRO >= 1 partitions gradients and DeepSpeed
-    computes the norm during its step, so it is read afterwards.
+    computes the norm during its step, so it is read afterwards. A step counts as skipped when the
+    guard vetoed it or DeepSpeed's own overflow check did (ZeRO >= 1 checks fp32 gradient norms).
     """
     boundary = engine.is_gradient_accumulation_boundary()
+    if not boundary:
+        engine.step()
+        return None, False
     norm = None
-    if boundary and engine.zero_optimization_stage() == 0:
+    if engine.zero_optimization_stage() == 0:
         grads = [p.grad.detach().float().norm() for p in engine.module.parameters() if p.grad is not None]
         norm = float(torch.stack(grads).norm()) if grads else 0.0
+    skipped_before = engine.skipped_steps
+    guard.before_boundary()
     engine.step()
-    if boundary and norm is None:
+    guard.force_skip = False  # consumed (DeepSpeed may have skipped the step before the guard ran)
+    if norm is None:
         norm = float(engine.get_global_grad_norm())
-    return norm
+    return norm, guard.last_skipped or engine.skipped_steps > skipped_before

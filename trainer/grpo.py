@@ -9,6 +9,7 @@ One iteration, on every rank of one process group:
 from __future__ import annotations
 
 import json
+import secrets
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -21,10 +22,14 @@ from tqdm import tqdm
 from rewards.ensemble import RewardEnsemble
 from samplers.flow_sde import FlowSDESampler
 from trainer.advantages import distributed_group_advantages
-from trainer.checkpoint import save_checkpoint
+from trainer.checkpoint import (
+    ENGINE_TAG, REWARDS_STATE_FILE, load_rank_rng, save_checkpoint, set_rng_state,
+)
 from trainer.config import TrainConfig
 from trainer.distributed import World, all_reduce_max, global_nanmean
 from trainer.engine import build_engine, optimizer_step
+from trainer.preemption import Preempted, StopRequests
+from trainer.resume import ResumePoint
 from trainer.evaluate import evaluate
 from trainer.metrics import MetricsWriter, save_grid
 from trainer.plots import plot_curves
@@ -73,8 +78,38 @@ def _reward_values(result) -> dict[str, torch.Tensor]:
     return values
 
 
-def train(cfg: TrainConfig, world: World, run_dir: Path, resolved_yaml: str) -> dict:
-    """Run GRPO as configured; returns the summary written to ``run_dir/summary.json``."""
+class NonFiniteError(RuntimeError):
+    """Too many consecutive updates were skipped because a reward, loss or gradient was not finite."""
+
+
+def _any_nonfinite(x: torch.Tensor) -> bool:
+    """True on every rank if any rank's ``x`` holds a NaN or inf (one all-reduce)."""
+    local = torch.tensor([0.0 if bool(torch.isfinite(x).all()) else 1.0])
+    return bool(all_reduce_max(local)[0] > 0)
+
+
+def summarize(run_dir: Path, steps: int) -> dict:
+    """The run's summary from its metrics.jsonl: evaluations at step 0 and at ``steps``.
+
+    Built from the rows rather than from memory, so a resumed run (or one whose last launch died
+    after its final checkpoint) gets the same summary as an uninterrupted one.
+    """
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    evals = {r["step"]: {k: v for k, v in r.items() if k.startswith("eval/")} for r in rows if "eval/num_prompts" in r}
+    return {"run_dir": str(run_dir), "eval_before": evals.get(0, {}), "eval_after": evals.get(steps, {}), "steps": steps}
+
+
+def train(
+    cfg: TrainConfig, world: World, run_dir: Path, resolved_yaml: str, resume: ResumePoint | None = None,
+    stop: StopRequests | None = None,
+) -> dict:
+    """Run GRPO as configured from ``resume`` (default: step 0); returns the summary written to
+    ``run_dir/summary.json``.
+
+    Raises Preempted after saving when ``stop`` reports a signal, NonFiniteError after
+    ``train.max_consecutive_skips`` consecutive skipped updates.
+    """
+    resume = resume or ResumePoint()
     t_start = time.time()
     algo, tcfg = cfg.algorithm, cfg.train
     prompts = load_prompts(cfg.data.prompts)
@@ -98,10 +133,24 @@ def train(cfg: TrainConfig, world: World, run_dir: Path, resolved_yaml: str) -> 
     n_stochastic = int(sampler.stochastic_steps(sampler.num_steps).sum())
     n_train_steps = max(1, round(algo.timestep_fraction * n_stochastic))
     grad_accum = n_chunks // algo.optimizer_steps_per_epoch * n_train_steps
-    engine, optimizer = build_engine(
-        policy, cfg.optimizer, cfg.deepspeed, tcfg.micro_batch, grad_accum, world.world_size, algo.max_grad_norm
+    engine, optimizer, guard = build_engine(
+        policy, cfg.optimizer, cfg.deepspeed, tcfg.micro_batch, grad_accum, world.world_size, algo.max_grad_norm,
+        cfg.scheduler, resume.universal,
     )
-    writer = MetricsWriter(run_dir, cfg.logger, OmegaConf.to_container(OmegaConf.create(resolved_yaml)), world.is_main)
+    # Everything the loop changes besides the engine and the generators (saved in trainer_state.json).
+    state = {"wandb_id": secrets.token_hex(4), "skipped_updates": 0, "consecutive_skips": 0}
+    if resume.checkpoint is not None:
+        # The frozen base is not in the engine files (only trainable weights are): load non-strictly.
+        engine.load_checkpoint(str(resume.load_dir), tag=ENGINE_TAG, load_module_strict=False)
+        rng = load_rank_rng(resume.checkpoint, world.rank)
+        if rng is not None:
+            set_rng_state(rng)
+        if (resume.checkpoint / REWARDS_STATE_FILE).is_file():
+            rewards.load_state_dict(torch.load(resume.checkpoint / REWARDS_STATE_FILE, weights_only=False))
+        state.update({k: resume.state[k] for k in state})
+    writer = MetricsWriter(
+        run_dir, cfg.logger, OmegaConf.to_container(OmegaConf.create(resolved_yaml)), world.is_main, state["wandb_id"]
+    )
     h, w = policy.height, policy.width
 
     def run_eval(step: int) -> dict[str, float]:
@@ -112,9 +161,17 @@ def train(cfg: TrainConfig, world: World, run_dir: Path, resolved_yaml: str) -> 
         writer.log(step, metrics)
         return metrics
 
-    summary = {"run_dir": str(run_dir), "eval_before": run_eval(0)}
-    bar = tqdm(total=tcfg.steps, desc="grpo", disable=not (world.is_main and tcfg.progress), dynamic_ncols=True)
-    for step in range(tcfg.steps):
+    def save(step: int) -> Path:
+        trainer_state = {**state, "world_size": world.world_size, "zero_stage": cfg.deepspeed.zero_stage}
+        return save_checkpoint(
+            engine, policy, run_dir, step, resolved_yaml, world, trainer_state, rewards.state_dict(), tcfg.keep_last
+        )
+
+    if resume.step == 0:
+        run_eval(0)
+    bar = tqdm(total=tcfg.steps, initial=resume.step, desc="grpo", disable=not (world.is_main and tcfg.progress),
+               dynamic_ncols=True)
+    for step in range(resume.step, tcfg.steps):
         t0 = time.time()
         # --- which samples this rank owns: the global list is P prompts x G samples, rank-major.
         step_ids = step_prompt_ids(len(prompts), P, step, cfg.seed)
@@ -132,8 +189,11 @@ def train(cfg: TrainConfig, world: World, run_dir: Path, resolved_yaml: str) -> 
         # --- rewards and advantages (groups may span ranks: gathered inside)
         local_prompts = [prompts[int(p)] for p in pids]
         scored = rewards(images, local_prompts)
-        adv = distributed_group_advantages(scored.total, pids, world.rank, algo.std_scope)
-        adv = adv.clamp(-algo.adv_clip, algo.adv_clip).to(policy.device)
+        # A non-finite reward would poison every advantage of its group: skip this update on all ranks.
+        reward_ok = not _any_nonfinite(scored.total)
+        if reward_ok:
+            adv = distributed_group_advantages(scored.total, pids, world.rank, algo.std_scope)
+            adv = adv.clamp(-algo.adv_clip, algo.adv_clip).to(policy.device)
         t_reward = time.time()
 
         # --- policy update: optimizer_steps_per_epoch optimizer steps per inner epoch (DeepSpeed
@@ -142,7 +202,8 @@ def train(cfg: TrainConfig, world: World, run_dir: Path, resolved_yaml: str) -> 
         step_stats: dict[str, list[torch.Tensor]] = {}  # one value per micro-step
         onpolicy_dev = torch.zeros(())
         grad_norms: list[float] = []
-        for epoch in range(algo.inner_epochs):
+        skipped = 0 if reward_ok else algo.inner_epochs * algo.optimizer_steps_per_epoch
+        for epoch in range(algo.inner_epochs if reward_ok else 0):
             for ci in torch.randperm(n_chunks, generator=g).tolist():
                 traj = chunks[ci]
                 a = adv[ci * tcfg.micro_batch : (ci + 1) * tcfg.micro_batch]
@@ -162,13 +223,17 @@ def train(cfg: TrainConfig, world: World, run_dir: Path, resolved_yaml: str) -> 
                     loss, stats = grpo_loss(
                         log_prob, traj.log_probs[:, j], a, algo.clip_range, mean, ref_mean, std, algo.kl_beta
                     )
+                    if not torch.isfinite(loss):
+                        guard.force_skip = True  # finite gradients from a non-finite loss are not trusted either
                     engine.backward(loss)
                     if not grad_norms:
                         # Nothing has been updated before the first optimizer step: the ratio must be exactly 1.
                         onpolicy_dev = torch.maximum(onpolicy_dev, stats["log_ratio_abs_max"].cpu())
-                    norm = optimizer_step(engine)
+                    norm, was_skipped = optimizer_step(engine, guard)
                     if norm is not None:
                         grad_norms.append(norm)
+                        skipped += was_skipped
+                        state["consecutive_skips"] = state["consecutive_skips"] + 1 if was_skipped else 0
                     stats["loss"] = loss.detach()
                     for k, v in stats.items():
                         if k != "log_ratio_abs_max":
@@ -178,7 +243,12 @@ def train(cfg: TrainConfig, world: World, run_dir: Path, resolved_yaml: str) -> 
         metrics = global_nanmean(_reward_values(scored))
         metrics.update(global_nanmean({k: torch.stack(v) for k, v in step_stats.items()}))
         metrics["train/onpolicy_log_ratio_max"] = float(all_reduce_max(onpolicy_dev.reshape(1))[0])
-        metrics["train/grad_norm"] = sum(grad_norms) / len(grad_norms)
+        metrics["train/grad_norm"] = sum(grad_norms) / len(grad_norms) if grad_norms else float("nan")
+        if not reward_ok:
+            state["consecutive_skips"] += skipped
+        state["skipped_updates"] += skipped
+        metrics["train/skipped_updates"] = skipped
+        metrics["train/skipped_updates_total"] = state["skipped_updates"]
         metrics["train/lr"] = optimizer.param_groups[0]["lr"]
         metrics.update({
             "time/rollout": t_rollout - t0, "time/reward": t_reward - t_rollout, "time/train": t_train - t_reward,
@@ -191,16 +261,36 @@ def train(cfg: TrainConfig, world: World, run_dir: Path, resolved_yaml: str) -> 
             writer.log_image(step + 1, "samples/train", save_grid(images[:k], caps, run_dir / "samples" / f"train_{step + 1:06d}.png"))
         if tcfg.eval_every and (step + 1) % tcfg.eval_every == 0 and step + 1 < tcfg.steps:
             run_eval(step + 1)
+        saved = None
         if tcfg.save_every and (step + 1) % tcfg.save_every == 0 and step + 1 < tcfg.steps:
-            save_checkpoint(engine, policy, run_dir, step + 1, resolved_yaml, world)
-        bar.set_postfix(reward=f"{metrics['reward/total']:.3f}", kl=f"{metrics['train/kl']:.2e}", refresh=False)
+            saved = save(step + 1)
+        bar.set_postfix(reward=f"{metrics['reward/total']:.3f}", kl=f"{metrics.get('train/kl', float('nan')):.2e}",
+                        refresh=False)
         bar.update(1)
+        if state["consecutive_skips"] >= tcfg.max_consecutive_skips:
+            bar.close()
+            writer.close()
+            raise NonFiniteError(
+                f"{state['consecutive_skips']} consecutive updates skipped (step {step + 1}): a reward, loss or gradient "
+                f"was NaN/inf each time (train.max_consecutive_skips={tcfg.max_consecutive_skips}). Check the rewards "
+                f"(reward/* in {run_dir / 'metrics.jsonl'}) and lower optimizer.lr; the weights are those of the last "
+                f"good update, and the newest complete checkpoint is under {run_dir / 'checkpoints'}."
+            )
+        # Every rank calls agreed() at the same point: the one collective that turns a signal into a stop.
+        signum = stop.agreed() if stop is not None else 0
+        if signum and step + 1 < tcfg.steps:
+            ckpt = saved or save(step + 1)
+            bar.close()
+            writer.close()
+            raise Preempted(signum, step + 1, ckpt)
     bar.close()
 
-    summary["eval_after"] = run_eval(tcfg.steps)
-    summary["checkpoint"] = str(save_checkpoint(engine, policy, run_dir, tcfg.steps, resolved_yaml, world))
-    summary["steps"] = tcfg.steps
-    summary["wall_time_s"] = time.time() - t_start
+    if resume.step < tcfg.steps:
+        run_eval(tcfg.steps)
+        ckpt = save(tcfg.steps)
+    else:  # the last launch died after its final checkpoint: only the summary and plots are missing
+        ckpt = resume.checkpoint
+    summary = {**summarize(run_dir, tcfg.steps), "checkpoint": str(ckpt), "wall_time_s": time.time() - t_start}
     if world.is_main:
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]

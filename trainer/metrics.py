@@ -12,7 +12,8 @@ from PIL import Image, ImageDraw, ImageFont
 class MetricsWriter:
     """Rank 0 writes one JSON object per step to ``metrics.jsonl`` and mirrors it to wandb."""
 
-    def __init__(self, run_dir: Path, logger_cfg, config_dict: dict, enabled: bool):
+    def __init__(self, run_dir: Path, logger_cfg, config_dict: dict, enabled: bool, run_id: str | None = None):
+        """``run_id``: the wandb run id, kept in checkpoints so a resumed run continues the same wandb run."""
         self.enabled = enabled
         self.path = run_dir / "metrics.jsonl"
         self.wandb = None
@@ -21,7 +22,7 @@ class MetricsWriter:
 
             self.wandb = wandb.init(
                 project=logger_cfg.project, entity=logger_cfg.entity, mode=logger_cfg.mode, dir=str(run_dir),
-                name=run_dir.name, config=config_dict,
+                name=run_dir.name, config=config_dict, id=run_id, resume="allow" if run_id else None,
             )
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
