@@ -40,6 +40,10 @@ def init_distributed(device: str = "auto", backend: str = "auto") -> World:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     import deepspeed
 
+    from trainer.slurm import torch_env_from_slurm
+
+    # A bare `srun python -m launch.train` task (one per GPU, no torchrun) gets its ranks from SLURM's env.
+    os.environ.update(torch_env_from_slurm(os.environ))
     if "RANK" not in os.environ:
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1")
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
