@@ -1,0 +1,92 @@
+"""Every reward config composes into the training job the way users attach it
+(``+reward@rewards.<name>=<file>``), builds the way `RewardEnsemble` builds it, and scores a batch."""
+
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.utils import get_class, instantiate
+from omegaconf import OmegaConf
+
+from models.toy.digits import caption as digit_caption
+from models.toy.shapes import caption as shapes_caption, parse_caption as parse_shapes_caption
+from trainer.config import register
+
+CONF = Path(__file__).resolve().parents[3] / "conf"
+REWARD_CONFIGS = sorted(CONF.glob("reward/*.yaml"))
+
+register()
+
+# Rewards that parse their prompts need prompts in their grammar; any other reward gets GENERIC.
+# A new prompt-parsing reward fails test_every_reward_config_scores_a_batch until it is added here.
+PROMPTS = {
+    "rewards.digits.DigitReward": [digit_caption(3), digit_caption(7)],
+    "rewards.shapes.ShapesReward": [shapes_caption(parse_shapes_caption("a red circle")), "two blue squares"],
+    "rewards.ocr.OcrReward": ['a sign that says "hello"', 'a mug with "steer" on it'],
+}
+GENERIC = ["a photo of a cat", "a red car"]
+
+
+@pytest.fixture(scope="module")
+def specs() -> dict[str, dict]:
+    """{file stem: the reward's config as the trainer receives it}: composed into train.yaml, resolved, plain."""
+    out = {}
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        for path in REWARD_CONFIGS:
+            cfg = compose("train", overrides=[f"+reward@rewards.probe={path.stem}"])
+            out[path.stem] = OmegaConf.to_container(cfg.rewards.probe, resolve=True)
+    return out
+
+
+def build(spec: dict):
+    """What RewardEnsemble does per reward: the weight is the ensemble's, the rest the constructor's."""
+    spec = dict(spec)
+    weight = spec.pop("weight", 1.0)
+    assert isinstance(weight, (int, float)), f"weight must be a number, got {weight!r}"
+    return instantiate(spec)
+
+
+def test_there_are_reward_configs():
+    assert len(REWARD_CONFIGS) >= 12, REWARD_CONFIGS  # 6 before the OCR/statistics configs, 6 added with them
+
+
+@pytest.mark.parametrize("path", REWARD_CONFIGS, ids=lambda p: p.stem)
+def test_every_reward_config_scores_a_batch(path, specs):
+    spec = specs[path.stem]
+    reward = build(spec)
+    assert reward.input_kind == "pixels" and isinstance(reward.differentiable, bool)
+    images = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    out = reward(images, PROMPTS.get(spec["_target_"], GENERIC))
+    scores = out["reward"] if isinstance(out, dict) else out
+    assert torch.is_tensor(scores) and scores.shape == (2,) and scores.dtype == torch.float32, scores
+    assert torch.isfinite(scores).all(), scores
+    if isinstance(out, dict):
+        for name, value in out.items():
+            assert value.shape == (2,), (name, value)
+
+
+def test_differentiable_configs_pass_gradients_to_pixels(specs):
+    checked = 0
+    for spec in specs.values():
+        if not get_class(spec["_target_"]).differentiable:  # without building: some fit a model at start-up
+            continue
+        reward = build(spec)
+        images = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(1), requires_grad=True)
+        out = reward(images, GENERIC)
+        (out["reward"] if isinstance(out, dict) else out).sum().backward()
+        assert images.grad is not None and images.grad.abs().sum() > 0, spec
+        checked += 1
+    assert checked >= 4  # brightness, saturation, contrast, high_frequency
+
+
+def test_jpeg_incompressibility_is_compressibility_with_the_opposite_sign(specs):
+    plus, minus = specs["jpeg_incompressibility"], specs["jpeg_compressibility"]
+    assert plus["_target_"] == minus["_target_"] and (plus["sign"], minus["sign"]) == (1.0, -1.0)
+    flat = torch.full((1, 3, 64, 64), 0.5)
+    noise = torch.rand((1, 3, 64, 64), generator=torch.Generator().manual_seed(0))
+    images = torch.cat([flat, noise])
+    up, down = build(plus)(images, ["", ""]), build(minus)(images, ["", ""])
+    torch.testing.assert_close(up["jpeg_kb"], down["jpeg_kb"])
+    torch.testing.assert_close(up["reward"], -down["reward"])
+    assert up["reward"][1] > up["reward"][0] > 0  # noise is the less compressible: rewarded here
