@@ -12,6 +12,8 @@ $(VENV)/.installed: pyproject.toml
 	$(VENV)/bin/pip install -q --upgrade pip
 	$(VENV)/bin/pip install -q "$(TORCH)"
 	$(VENV)/bin/pip install -q -e ".[dev]"
+	# OCR reward models (ONNX, in the wheel); --no-deps keeps its GUI opencv-python out (headless is installed).
+	$(VENV)/bin/pip install -q --no-deps "rapidocr-onnxruntime==1.4.4"
 	touch $@
 
 .PHONY: install train test test-all bench

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -68,6 +69,8 @@ def _main(dcfg: DictConfig) -> None:
             with StopRequests() as stop:
                 summary = train(cfg, world, run_dir, resolved, resume, stop)
         except Preempted as p:
+            # Requeueing makes SLURM SIGTERM the job; the checkpoint is sealed, so leave quietly with 75.
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
             if world.is_main:
                 print(f"\n{p}. Relaunch the same command to continue (exit code {EXIT_PREEMPTED}).", flush=True)
                 if p.requeue and cfg.train.requeue and os.environ.get("SLURM_JOB_ID"):

@@ -41,14 +41,21 @@ ENGINE_TAG = "engine"
 UNIVERSAL_DIR = "universal"  # DeepSpeed universal checkpoint, converted on demand (see trainer/resume.py)
 _STEP_DIR = re.compile(r"^step_(\d{6,})$")
 
-# Tests kill the process at named points to prove that no kill leaves a checkpoint that looks
-# complete but is not: STEERFLOW_FAULT="<point>@<step>" SIGKILLs this process there.
+# Tests signal the process at named points to prove that no kill leaves a checkpoint that looks
+# complete but is not, and that a signal mid-step stops cleanly:
+# STEERFLOW_FAULT="<point>@<step>[:<SIGNAL>[:<rank>]]" sends SIGNAL (default KILL) to this process
+# there (on every rank, or only on <rank>).
 FAULT_ENV = "STEERFLOW_FAULT"
 
 
 def fault_point(name: str, step: int) -> None:
-    if os.environ.get(FAULT_ENV) == f"{name}@{step}":
-        os.kill(os.getpid(), signal.SIGKILL)
+    spec = os.environ.get(FAULT_ENV)
+    if not spec or not spec.startswith(f"{name}@"):
+        return
+    at, _, rest = spec[len(name) + 1 :].partition(":")
+    sig, _, rank = rest.partition(":")
+    if int(at) == step and (not rank or int(rank) == int(os.environ.get("RANK", 0))):
+        os.kill(os.getpid(), signal.Signals["SIG" + (sig or "KILL")])
 
 
 def checkpoint_dir(run_dir: Path, step: int) -> Path:
@@ -141,11 +148,12 @@ def save_checkpoint(
     return final
 
 
-def _remove(path: Path) -> None:
+def _remove(path: Path, step: int = -1) -> None:
     """Rename first (atomic) so a kill mid-delete leaves a ``.deleting`` folder, never a partial ``step_<N>``."""
     doomed = path.with_name(path.name + ".deleting")
     shutil.rmtree(doomed, ignore_errors=True)
     os.replace(path, doomed)
+    fault_point("checkpoint.prune", step)
     shutil.rmtree(doomed, ignore_errors=True)
 
 
@@ -154,8 +162,7 @@ def prune(run_dir: Path, keep_last: int, step: int) -> None:
     if keep_last <= 0:
         return
     for old in complete_checkpoints(run_dir)[:-keep_last]:
-        fault_point("checkpoint.prune", step)
-        _remove(old)
+        _remove(old, step)
 
 
 def is_complete(ckpt: Path) -> bool:

@@ -22,6 +22,9 @@ class World:
         return self.rank == 0
 
 
+_SELF_RDZV = "STEERFLOW_SELF_RENDEZVOUS"
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -45,7 +48,8 @@ def init_distributed(device: str = "auto", backend: str = "auto") -> World:
     # A bare `srun python -m launch.train` task (one per GPU, no torchrun) gets its ranks from SLURM's env.
     os.environ.update(torch_env_from_slurm(os.environ))
     if "RANK" not in os.environ:
-        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1")
+        # Marked as ours, so shutdown_distributed() removes it and the next job gets a fresh port.
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1", **{_SELF_RDZV: "1"})
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(_free_port()))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
@@ -61,6 +65,26 @@ def init_distributed(device: str = "auto", backend: str = "auto") -> World:
     world = dist.get_world_size()
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
     return World(dist.get_rank(), world, local_rank, local_world, dev)
+
+
+def shutdown_distributed(clean: bool = True) -> None:
+    """Tear the process group down, so a Hydra multirun's next job (same process) can build its own.
+
+    ``clean``: all ranks got here together (a barrier first); False after an error on this rank.
+    """
+    if dist.is_initialized():
+        if clean:
+            barrier()
+        dist.destroy_process_group()
+        # DeepSpeed caches a clone of the world group at module level; a new engine in this process
+        # would use the destroyed one ("Group ... is not registered") unless the cache is dropped.
+        from deepspeed.utils import groups
+
+        groups._WORLD_GROUP = None
+        groups._ZERO_PARAM_INTRA_PARALLEL_GROUP = None
+    if os.environ.get(_SELF_RDZV) == "1":
+        for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", _SELF_RDZV):
+            os.environ.pop(key, None)
 
 
 def set_threads(num_threads: int, world: World) -> int:

@@ -36,25 +36,34 @@ def deepspeed_config(ds_cfg, micro_batch: int, grad_accum: int, world_size: int,
 class NonFiniteGuard:
     """Skips, on every rank, an optimizer step whose gradients hold a NaN or inf.
 
-    It replaces the torch optimizer's ``step`` on the instance, so it runs wherever DeepSpeed calls
-    it: after the all-reduce (ZeRO 0) or on each rank's fp32 partition after reduction and clipping
-    (ZeRO 1-3). One all-reduce makes every rank agree, because under ZeRO each rank sees only its
-    shard. A skipped step leaves weights and optimizer state untouched (DeepSpeed clears the grads).
-    ``force_skip`` lets the loop veto the step (e.g. a non-finite loss with finite gradients).
+    It gives the torch optimizer a subclass whose ``step`` checks first, so it runs wherever
+    DeepSpeed calls it: after the all-reduce (ZeRO 0) or on each rank's fp32 partition after
+    reduction and clipping (ZeRO 1-3). (A subclass, not an instance attribute: torch LR schedulers
+    re-bind ``optimizer.step`` and would drop a patched attribute.) One all-reduce makes every rank
+    agree, because under ZeRO each rank sees only its shard. A skipped step leaves weights and
+    optimizer state untouched (DeepSpeed clears the grads). ``force_skip`` lets the loop veto the
+    step (e.g. a non-finite loss with finite gradients).
     """
 
-    def __init__(self, optimizer: torch.optim.Optimizer):
-        self._step = optimizer.step
-        optimizer.step = self.step
-        self.optimizer = optimizer
+    def __init__(self, optimizer: torch.optim.Optimizer, outer=None):
+        """``outer``: the optimizer object DeepSpeed steps (``engine.optimizer``), if it wraps ``optimizer``."""
+        self.optimizer, self.outer = optimizer, outer
         self.force_skip = False
         self.last_skipped = False
+        base, guard = type(optimizer), self
+
+        def step(opt, closure=None):
+            if guard._skip(opt):
+                return None
+            return base.step(opt, closure)
+
+        optimizer.__class__ = type(f"Guarded{base.__name__}", (base,), {"step": step})
 
     def before_boundary(self) -> None:
         self.last_skipped = False
 
-    def step(self, closure=None):
-        grads = [p.grad for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None]
+    def _skip(self, opt) -> bool:
+        grads = [p.grad for g in opt.param_groups for p in g["params"] if p.grad is not None]
         bad = self.force_skip
         if grads and not bad:
             # One flag for all tensors: one device sync instead of one per parameter.
@@ -62,12 +71,13 @@ class NonFiniteGuard:
         flag = torch.tensor([1.0 if bad else 0.0], device=grads[0].device if grads else "cpu")
         self.last_skipped = bool(all_reduce_max(flag)[0] > 0)
         self.force_skip = False
-        # DeepSpeed reads ``overflow`` from the optimizer it steps directly (ZeRO 0): it then counts
-        # the step as skipped and does not advance the LR schedule. (ZeRO >= 1 wrappers keep their own flag.)
-        self.optimizer.overflow = self.last_skipped
-        if self.last_skipped:
-            return None
-        return self._step(closure) if closure is not None else self._step()
+        # After the step DeepSpeed reads ``overflow`` from the optimizer it stepped (the torch one for
+        # ZeRO 0, its ZeRO wrapper otherwise): it then counts the step as skipped and does not advance
+        # the LR schedule. The wrapper's own flag is only ever raised here, never cleared.
+        opt.overflow = self.last_skipped
+        if self.outer is not None and self.outer is not opt and self.last_skipped:
+            self.outer.overflow = True
+        return self.last_skipped
 
 
 def build_engine(
@@ -88,14 +98,16 @@ def build_engine(
     if not params:
         raise ValueError("the policy has no trainable parameters; check model.finetune and model.lora_targets")
     optimizer = instantiate(optimizer_cfg)(params)
-    guard = NonFiniteGuard(optimizer)
-    scheduler = instantiate(scheduler_cfg)(optimizer) if scheduler_cfg else None
     config = deepspeed_config(ds_cfg, micro_batch, grad_accum, world_size, max_grad_norm, policy.dtype)
     if load_universal:
         config["checkpoint"] = {"load_universal": True}
-    engine, _, _, _ = deepspeed.initialize(
-        model=policy.transformer, optimizer=optimizer, lr_scheduler=scheduler, config=config
-    )
+    engine, _, _, _ = deepspeed.initialize(model=policy.transformer, optimizer=optimizer, config=config)
+    # After initialize: ZeRO accepts only the exact optimizer classes it knows, and the guard subclasses it.
+    guard = NonFiniteGuard(optimizer, engine.optimizer)
+    if scheduler_cfg:
+        # Built over the guarded optimizer (a scheduler re-binds ``step`` at construction) and handed
+        # to the engine, which steps it after each applied optimizer step and checkpoints its state.
+        engine.lr_scheduler = instantiate(scheduler_cfg)(optimizer)
     return engine, optimizer, guard
 
 

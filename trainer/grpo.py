@@ -23,7 +23,7 @@ from rewards.ensemble import RewardEnsemble
 from samplers.flow_sde import FlowSDESampler
 from trainer.advantages import distributed_group_advantages
 from trainer.checkpoint import (
-    ENGINE_TAG, REWARDS_STATE_FILE, load_rank_rng, save_checkpoint, set_rng_state,
+    ENGINE_TAG, REWARDS_STATE_FILE, fault_point, load_rank_rng, save_checkpoint, set_rng_state,
 )
 from trainer.config import TrainConfig
 from trainer.distributed import World, all_reduce_max, global_nanmean
@@ -140,6 +140,7 @@ def train(
     # Everything the loop changes besides the engine and the generators (saved in trainer_state.json).
     state = {"wandb_id": secrets.token_hex(4), "skipped_updates": 0, "consecutive_skips": 0}
     if resume.checkpoint is not None:
+        t_load = time.time()
         # The frozen base is not in the engine files (only trainable weights are): load non-strictly.
         engine.load_checkpoint(str(resume.load_dir), tag=ENGINE_TAG, load_module_strict=False)
         rng = load_rank_rng(resume.checkpoint, world.rank)
@@ -148,6 +149,9 @@ def train(
         if (resume.checkpoint / REWARDS_STATE_FILE).is_file():
             rewards.load_state_dict(torch.load(resume.checkpoint / REWARDS_STATE_FILE, weights_only=False))
         state.update({k: resume.state[k] for k in state})
+        if world.is_main:
+            print(f"restored weights, optimizer, schedule and generator states from {resume.checkpoint.name} in "
+                  f"{time.time() - t_load:.2f} s", flush=True)
     writer = MetricsWriter(
         run_dir, cfg.logger, OmegaConf.to_container(OmegaConf.create(resolved_yaml)), world.is_main, state["wandb_id"]
     )
@@ -161,11 +165,16 @@ def train(
         writer.log(step, metrics)
         return metrics
 
+    save_seconds: list[float] = []  # reported in the next step's metrics row (time/checkpoint)
+
     def save(step: int) -> Path:
+        t = time.time()
         trainer_state = {**state, "world_size": world.world_size, "zero_stage": cfg.deepspeed.zero_stage}
-        return save_checkpoint(
+        path = save_checkpoint(
             engine, policy, run_dir, step, resolved_yaml, world, trainer_state, rewards.state_dict(), tcfg.keep_last
         )
+        save_seconds.append(time.time() - t)
+        return path
 
     if resume.step == 0:
         run_eval(0)
@@ -198,7 +207,9 @@ def train(
 
         # --- policy update: optimizer_steps_per_epoch optimizer steps per inner epoch (DeepSpeed
         # accumulates over chunks x trained steps and steps the optimizer at each boundary).
-        g = generator(cfg.seed, STREAM_TRAIN, step)
+        # Chunk order is per rank; which steps a chunk trains is drawn per global chunk index, so 1 and
+        # N processes train the same (sample, step) pairs and a resume on another world size continues alike.
+        g = generator(cfg.seed, STREAM_TRAIN, step, world.rank)
         step_stats: dict[str, list[torch.Tensor]] = {}  # one value per micro-step
         onpolicy_dev = torch.zeros(())
         grad_norms: list[float] = []
@@ -209,7 +220,8 @@ def train(
                 a = adv[ci * tcfg.micro_batch : (ci + 1) * tcfg.micro_batch]
                 cond = policy.encode([prompts[int(p)] for p in traj.prompt_ids])
                 stochastic = traj.stochastic[0].nonzero().flatten()
-                for j in stochastic[torch.randperm(len(stochastic), generator=g)[:n_train_steps]].tolist():
+                g_steps = generator(cfg.seed, STREAM_TRAIN, step, epoch, world.rank * n_chunks + ci, 1)
+                for j in stochastic[torch.randperm(len(stochastic), generator=g_steps)[:n_train_steps]].tolist():
                     ref_mean = None
                     if algo.kl_beta > 0:
                         with torch.no_grad(), policy.reference():
@@ -226,6 +238,7 @@ def train(
                     if not torch.isfinite(loss):
                         guard.force_skip = True  # finite gradients from a non-finite loss are not trusted either
                     engine.backward(loss)
+                    fault_point("train.mid_update", step + 1)
                     if not grad_norms:
                         # Nothing has been updated before the first optimizer step: the ratio must be exactly 1.
                         onpolicy_dev = torch.maximum(onpolicy_dev, stats["log_ratio_abs_max"].cpu())
@@ -254,6 +267,8 @@ def train(
             "time/rollout": t_rollout - t0, "time/reward": t_reward - t_rollout, "time/train": t_train - t_reward,
             "time/step": t_train - t0, "throughput/images_per_s": P * G / (t_train - t0),
         })
+        if save_seconds:
+            metrics["time/checkpoint"] = save_seconds.pop()
         writer.log(step + 1, metrics)
         if world.is_main and tcfg.grid_every and (step % tcfg.grid_every == 0 or step == tcfg.steps - 1):
             k = min(16, len(local_prompts))

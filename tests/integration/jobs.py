@@ -18,12 +18,20 @@ SMALL = [
 ]
 
 
-def run(cmd: list[str], timeout: int = 900, threads: int = 1) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "TOKENIZERS_PARALLELISM": "false", "WANDB_MODE": "offline"}
+def job_env(threads: int = 1, **extra: str) -> dict[str, str]:
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "TOKENIZERS_PARALLELISM": "false", "WANDB_MODE": "offline",
+           **extra}
     env.pop("RANK", None)
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
-    if proc.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
+    return env
+
+
+def run(cmd: list[str], timeout: int = 900, threads: int = 1, env: dict | None = None,
+        expect: int = 0) -> subprocess.CompletedProcess:
+    """Run ``cmd`` in the repo root; fail with its output unless it exits with ``expect``."""
+    proc = subprocess.run(cmd, cwd=ROOT, env=env or job_env(threads), capture_output=True, text=True, timeout=timeout)
+    if proc.returncode != expect:
+        raise AssertionError(
+            f"{' '.join(cmd)} exited {proc.returncode}, expected {expect}:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
     return proc
 
 
