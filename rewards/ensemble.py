@@ -27,10 +27,16 @@ class RewardEnsemble:
 
     def __init__(self, specs: dict[str, dict]):
         self.weights: dict[str, float] = {}
+        self.regularizers: set[str] = set()  # role: regularizer (added to advantages unnormalised)
         self.rewards = {}
         for name, spec in specs.items():
             spec = dict(spec)
             self.weights[name] = float(spec.pop("weight", 1.0))
+            role = spec.pop("role", "reward")
+            if role not in ("reward", "regularizer"):
+                raise ValueError(f"rewards.{name}.role={role!r}: use 'reward' or 'regularizer'")
+            if role == "regularizer":
+                self.regularizers.add(name)
             try:
                 self.rewards[name] = instantiate(spec)
             except Exception as e:

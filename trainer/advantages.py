@@ -45,3 +45,34 @@ def distributed_group_advantages(
     adv = group_advantages(all_r, all_p, std_scope)
     n = rewards.shape[0]
     return adv[rank * n : (rank + 1) * n].to(rewards.device)
+
+
+def distributed_advantages(
+    per_reward: dict[str, torch.Tensor], weights: dict[str, float], regularizers: set[str], prompt_ids: torch.Tensor,
+    rank: int, aggregator, std_scope: str = "group",
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """This rank's advantages from every reward's scores, groups possibly spanning ranks.
+
+    One all-gather of all rewards [K, N_local] (rank order = global sample order); every rank runs the
+    same ``aggregator`` (rewards/aggregate.py) over the trained rewards (weight != 0, not
+    regularisers), then adds each regulariser as w * (r - its group mean): a penalty that shifts
+    advantages in its own units, never rescaled by the group's spread. Returns (adv [N_local], stats).
+    """
+    names = sorted(per_reward)
+    local = torch.stack([per_reward[n].float().cpu().reshape(-1) for n in names])  # [K, N_local]
+    gathered = all_gather_cat(local.T.contiguous()).T  # [K, N]
+    all_p = all_gather_cat(prompt_ids.cpu())
+    full = dict(zip(names, gathered))
+    trained = {n: full[n] for n in per_reward if weights[n] != 0 and n not in regularizers}  # ensemble order
+    adv, stats = aggregator(trained, weights, all_p, std_scope)
+    for name in regularizers:
+        if weights[name] != 0:
+            adv = adv + weights[name] * (full[name] - _group_mean(full[name], all_p))
+    n = prompt_ids.shape[0]
+    return adv[rank * n : (rank + 1) * n].to(prompt_ids.device), stats
+
+
+def _group_mean(r: torch.Tensor, prompt_ids: torch.Tensor) -> torch.Tensor:
+    uniq, inverse = torch.unique(prompt_ids, return_inverse=True)
+    counts = torch.zeros(len(uniq)).index_add_(0, inverse, torch.ones_like(r))
+    return (torch.zeros(len(uniq)).index_add_(0, inverse, r.float()) / counts)[inverse]

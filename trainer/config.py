@@ -101,6 +101,7 @@ class TrainConfig:
     data: DataConfig = field(default_factory=DataConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     train: TrainLoopConfig = field(default_factory=TrainLoopConfig)
+    aggregate: Any = MISSING  # how several rewards become one advantage (rewards/aggregate.py)
     rewards: dict = field(default_factory=dict)
     eval_rewards: dict = field(default_factory=dict)
 
@@ -172,6 +173,8 @@ def validate(cfg: TrainConfig, world_size: int) -> None:
     for name, r in cfg.rewards.items():
         if isinstance(r, dict) and not isinstance(r.get("weight", 1.0), (int, float)):
             p.append(f"rewards.{name}.weight must be a number, got {r.get('weight')!r}")
+        if isinstance(r, dict) and r.get("role", "reward") not in ("reward", "regularizer"):
+            p.append(f"rewards.{name}.role ({r.get('role')!r}) must be 'reward' or 'regularizer'")
     if cfg.logger.backend not in ("wandb", "none"):
         p.append(f"logger.backend ({cfg.logger.backend!r}) must be 'wandb' or 'none'")
     if cfg.deepspeed.zero_stage not in (0, 1, 2, 3):

@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from rewards.ensemble import RewardEnsemble
 from samplers.flow_sde import FlowSDESampler
-from trainer.advantages import distributed_group_advantages
+from trainer.advantages import distributed_advantages
 from trainer.checkpoint import (
     ENGINE_TAG, REWARDS_STATE_FILE, fault_point, load_rank_rng, save_checkpoint, set_rng_state,
 )
@@ -125,6 +125,7 @@ def train(
     if cfg.data.eval_size:
         eval_prompts = eval_prompts[: cfg.data.eval_size]
     rewards = RewardEnsemble(cfg.rewards)
+    aggregator = instantiate(cfg.aggregate)
     eval_rewards = RewardEnsemble(cfg.eval_rewards) if cfg.eval_rewards else None
 
     P, G = cfg.data.prompts_per_step, algo.group_size
@@ -201,7 +202,9 @@ def train(
         # A non-finite reward would poison every advantage of its group: skip this update on all ranks.
         reward_ok = not _any_nonfinite(scored.total)
         if reward_ok:
-            adv = distributed_group_advantages(scored.total, pids, world.rank, algo.std_scope)
+            adv, agg_stats = distributed_advantages(
+                scored.per_reward, rewards.weights, rewards.regularizers, pids, world.rank, aggregator, algo.std_scope
+            )
             adv = adv.clamp(-algo.adv_clip, algo.adv_clip).to(policy.device)
         t_reward = time.time()
 
@@ -254,6 +257,8 @@ def train(
         t_train = time.time()
 
         metrics = global_nanmean(_reward_values(scored))
+        if reward_ok:
+            metrics.update({f"train/{k}": v for k, v in agg_stats.items()})  # global already: same on every rank
         metrics.update(global_nanmean({k: torch.stack(v) for k, v in step_stats.items()}))
         metrics["train/onpolicy_log_ratio_max"] = float(all_reduce_max(onpolicy_dev.reshape(1))[0])
         metrics["train/grad_norm"] = sum(grad_norms) / len(grad_norms) if grad_norms else float("nan")
