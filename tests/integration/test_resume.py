@@ -236,3 +236,7 @@ def test_multirun_runs_each_job_in_one_process_and_resumes_per_job(tmp_path):
     out = run(sweep, env=job_env(PYTHONPATH=HERE)).stdout
     assert "job0 is already complete" in out and "resuming" in out
     assert max(r["step"] for r in metrics(tmp_path / "job1")) == 2 and (tmp_path / "job1" / "summary.json").is_file()
+    # The sweep's picture: runs labelled by the swept key, PNGs written.
+    out = run([sys.executable, "-m", "launch.plot_sweep", str(tmp_path)]).stdout
+    assert "train.steps=1" in out and "train.steps=2" in out
+    assert (tmp_path / "sweep_final.png").is_file() and (tmp_path / "sweep_reward.png").is_file()
