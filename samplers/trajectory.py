@@ -17,6 +17,9 @@ class Trajectory:
       pred_x0:    [B, S, *L]    the clean prediction x0_hat = x_j - sigma_j * v_j at every step
       sigmas:     [B, S+1]      noise levels (identical rows; batched so slicing stays uniform)
       stochastic: [B, S] bool   which steps drew noise (only those are trained)
+      noise_levels: [B, S] fp32 the noise level (eta) each step drew with; 0 on deterministic steps.
+                                Stored so training recomputes each step with the value the rollout used,
+                                whatever the sampler's schedule or calibration does meanwhile
       prompt_ids: [B] long      index of the prompt in the run's prompt table
       sample_ids: [B] long      index of the sample within its group
     """
@@ -26,6 +29,7 @@ class Trajectory:
     pred_x0: torch.Tensor
     sigmas: torch.Tensor
     stochastic: torch.Tensor
+    noise_levels: torch.Tensor
     prompt_ids: torch.Tensor
     sample_ids: torch.Tensor
 

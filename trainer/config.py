@@ -6,27 +6,53 @@ of the wrong type fails at compose time with Hydra's message naming the key. Par
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any, Optional
+from dataclasses import asdict, dataclass, field
+from typing import Any, List, Optional
 
 from pathlib import Path
 
 from hydra.core.config_store import ConfigStore
+from hydra.utils import get_class
 from omegaconf import MISSING, OmegaConf
 
 
 @dataclass
 class SamplerConfig:
-    """Rollout sampler (see samplers/flow_sde.py)."""
+    """Knobs every sampler has; alone, the deterministic ``sampler=ode`` (samplers/ode.py).
+
+    Each conf/sampler/<name>.yaml starts from this schema or SDESamplerConfig (its defaults list), so a
+    knob that sampler does not have is a compose-time error. Rules between knobs (e.g. noise_decay
+    only with noise_schedule=decay) live with the sampler (samplers/schedule.py) and run in validate().
+    """
+
+    _target_: str = "samplers.ode.ODESampler"
+    num_steps: int = 10  # training rollouts
+    eval_num_steps: int = 10  # evaluation (always deterministic)
+    guidance_scale: float = 4.5
+    ode_solver: str = "euler"  # deterministic steps: "euler" | "dpm2" (DPM-Solver++(2M))
+    start_step: int = 0  # partial chains start at sigmas[start_step] from a forward-noised clean sample
+
+
+@dataclass
+class SDESamplerConfig(SamplerConfig):
+    """Stochastic samplers (flow_sde, dance_sde, cps, ddim); knobs documented in conf/sampler/flow_sde.yaml."""
 
     _target_: str = "samplers.flow_sde.FlowSDESampler"
     noise_level: float = 0.7
+    noise_schedule: str = "constant"  # "constant" | "decay" | "table"
+    noise_decay: Optional[float] = None  # decay only
+    noise_table: Optional[List[float]] = None  # table only
+    window: str = "fixed"  # "fixed" | "sliding" | "random"
     window_start: int = 0
     window_size: Optional[int] = None
+    window_stride: Optional[int] = None  # sliding only
+    window_every: Optional[int] = None  # sliding only
+    window_start_max: Optional[int] = None  # random only
     log_prob_reduction: str = "mean"
-    num_steps: int = 10  # training rollouts
-    eval_num_steps: int = 10  # evaluation (always ODE)
-    guidance_scale: float = 4.5
+    calibration_rate: Optional[float] = None  # reward-aware per-step noise calibration (null = off)
+    calibration_bounds: Optional[List[float]] = None
+    reward_guidance: Optional[Any] = None  # a differentiable reward of clean latents (_target_)
+    reward_guidance_scale: float = 0.0
 
 
 @dataclass
@@ -93,7 +119,7 @@ class TrainConfig:
     seed: int = 0
     run_dir: Optional[str] = None  # default: runs/<exp_name>-<hash of result-changing overrides>
     model: Any = MISSING
-    sampler: SamplerConfig = field(default_factory=SamplerConfig)
+    sampler: SamplerConfig = field(default_factory=SamplerConfig)  # conf/sampler/<name>.yaml picks the schema
     algorithm: GRPOConfig = field(default_factory=GRPOConfig)
     optimizer: Any = MISSING
     scheduler: Any = None  # torch LR scheduler over the optimizer (_partial_: true), e.g. scheduler=warmup
@@ -113,6 +139,9 @@ def register() -> None:
     """Register the schema and the ``${sf.root:}`` resolver (the steerflow source tree, for shipped assets)."""
     cs = ConfigStore.instance()
     cs.store(name="train_schema", node=TrainConfig)
+    # Referenced from the defaults list of each conf/sampler/<name>.yaml.
+    cs.store(group="sampler", name="schema_ode", node=SamplerConfig)
+    cs.store(group="sampler", name="schema_sde", node=SDESamplerConfig)
     if not OmegaConf.has_resolver("sf.root"):
         OmegaConf.register_new_resolver("sf.root", lambda: str(ROOT))
 
@@ -123,6 +152,27 @@ class ConfigError(ValueError):
     def __init__(self, problems: list[str]):
         self.problems = problems
         super().__init__("invalid config:\n  - " + "\n  - ".join(problems))
+
+
+def _sampler_problems(s: SamplerConfig) -> list[str]:
+    """The sampler's own knob rules (asked of its class, without building it) plus what GRPO needs of it."""
+    try:
+        sampler_cls = get_class(s._target_)
+    except Exception as e:  # noqa: BLE001 - Hydra raises several types for a bad path; report any of them
+        return [f"sampler._target_ ({s._target_!r}) cannot be imported: {e}"]
+    p = list(sampler_cls.problems({k: v for k, v in asdict(s).items() if k != "_target_"}))
+    if not hasattr(s, "noise_level"):
+        return p + [f"sampler ({s._target_}) is deterministic: GRPO trains the log-probs of stochastic steps; pick "
+                    "sampler=flow_sde, dance_sde, cps or ddim"]
+    if s.noise_level == 0:
+        p.append(f"sampler.noise_level ({s.noise_level}) must be > 0 for GRPO: with no noise there is no log-prob to train")
+    if s.noise_schedule == "table" and s.noise_table is not None and len(s.noise_table) != s.num_steps:
+        p.append(f"sampler.noise_table has {len(s.noise_table)} entries; it needs one per step (sampler.num_steps="
+                 f"{s.num_steps})")
+    if s.start_step > 0:
+        p.append(f"sampler.start_step ({s.start_step}): partial chains start from clean samples, which the GRPO "
+                 "trainer has no source of yet (data gives prompts only); use start_step 0")
+    return p
 
 
 def validate(cfg: TrainConfig, world_size: int) -> None:
@@ -152,14 +202,7 @@ def validate(cfg: TrainConfig, world_size: int) -> None:
         p.append(f"algorithm.timestep_fraction ({a.timestep_fraction}) must be in (0, 1]")
     if a.std_scope not in ("group", "global"):
         p.append(f"algorithm.std_scope ({a.std_scope!r}) must be 'group' or 'global'")
-    if s.noise_level <= 0:
-        p.append(f"sampler.noise_level ({s.noise_level}) must be > 0 for GRPO: with no noise there is no log-prob to train")
-    if s.window_start < 0 or s.window_start >= s.num_steps:
-        p.append(f"sampler.window_start ({s.window_start}) must be in [0, sampler.num_steps={s.num_steps})")
-    if s.window_size is not None and s.window_size < 1:
-        p.append(f"sampler.window_size ({s.window_size}) must be >= 1 or null (all steps)")
-    if s.log_prob_reduction not in ("mean", "sum"):
-        p.append(f"sampler.log_prob_reduction ({s.log_prob_reduction!r}) must be 'mean' or 'sum'")
+    p.extend(_sampler_problems(s))
     if a.name != "grpo":
         p.append(f"algorithm.name ({a.name!r}): this build trains 'grpo' only")
     shared = sorted(set(cfg.rewards) & set(cfg.eval_rewards))

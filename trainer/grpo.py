@@ -20,7 +20,7 @@ from omegaconf import OmegaConf
 from tqdm import tqdm
 
 from rewards.ensemble import RewardEnsemble
-from samplers.flow_sde import FlowSDESampler
+from samplers.base import Sampler
 from trainer.advantages import distributed_advantages
 from trainer.checkpoint import (
     ENGINE_TAG, REWARDS_STATE_FILE, fault_point, load_rank_rng, save_checkpoint, set_rng_state,
@@ -35,7 +35,7 @@ from trainer.metrics import MetricsWriter, save_grid
 from trainer.plots import plot_curves
 from trainer.prompts import load_prompts, step_prompt_ids
 from trainer.rng import STREAM_ROLLOUT, STREAM_TRAIN, generator
-from trainer.rollout import rollout_chunks
+from trainer.rollout import SAMPLER_STATE_KEY, rollout_chunks, step_reward_gains
 
 
 def grpo_loss(
@@ -120,8 +120,8 @@ def train(
     # Seeded before the model is built: LoRA's random init draws from the global generator.
     torch.manual_seed(cfg.seed)
     policy = instantiate(cfg.model, device=str(world.device), needs_reference=algo.kl_beta > 0)
-    sampler: FlowSDESampler = instantiate(asdict(cfg.sampler))
-    eval_sampler = FlowSDESampler(noise_level=0.0, num_steps=sampler.eval_num_steps, guidance_scale=sampler.guidance_scale)
+    sampler: Sampler = instantiate(asdict(cfg.sampler))
+    eval_sampler = sampler.evaluation()
     if cfg.data.eval_size:
         eval_prompts = eval_prompts[: cfg.data.eval_size]
     rewards = RewardEnsemble(cfg.rewards)
@@ -131,7 +131,9 @@ def train(
     P, G = cfg.data.prompts_per_step, algo.group_size
     n_local = P * G // world.world_size
     n_chunks = n_local // tcfg.micro_batch
-    n_stochastic = int(sampler.stochastic_steps(sampler.num_steps).sum())
+    # Every iteration's plan has this many stochastic steps (windows keep their size as they move),
+    # so DeepSpeed's fixed accumulation count holds.
+    n_stochastic = sampler.plan(policy.sigmas(sampler.num_steps), 0, generator(cfg.seed, STREAM_ROLLOUT, 0)).num_stochastic
     n_train_steps = max(1, round(algo.timestep_fraction * n_stochastic))
     grad_accum = n_chunks // algo.optimizer_steps_per_epoch * n_train_steps
     engine, optimizer, guard = build_engine(
@@ -149,6 +151,7 @@ def train(
             set_rng_state(rng)
         if (resume.checkpoint / REWARDS_STATE_FILE).is_file():
             rewards.load_state_dict(torch.load(resume.checkpoint / REWARDS_STATE_FILE, weights_only=False))
+        sampler.load_state_dict(resume.state.get(SAMPLER_STATE_KEY, {}))
         state.update({k: resume.state[k] for k in state})
         if world.is_main:
             print(f"restored weights, optimizer, schedule and generator states from {resume.checkpoint.name} in "
@@ -170,7 +173,8 @@ def train(
 
     def save(step: int) -> Path:
         t = time.time()
-        trainer_state = {**state, "world_size": world.world_size, "zero_stage": cfg.deepspeed.zero_stage}
+        trainer_state = {**state, "world_size": world.world_size, "zero_stage": cfg.deepspeed.zero_stage,
+                         SAMPLER_STATE_KEY: sampler.state_dict()}
         path = save_checkpoint(
             engine, policy, run_dir, step, resolved_yaml, world, trainer_state, rewards.state_dict(), tcfg.keep_last
         )
@@ -192,7 +196,7 @@ def train(
         # --- rollout
         chunks, images = rollout_chunks(
             policy, sampler, prompts, pids, sids, (cfg.seed, STREAM_ROLLOUT, step), sampler.num_steps,
-            sampler.guidance_scale, tcfg.micro_batch, h, w,
+            sampler.guidance_scale, tcfg.micro_batch, h, w, iteration=step,
         )
         t_rollout = time.time()
 
@@ -228,9 +232,8 @@ def train(
                     ref_mean = None
                     if algo.kl_beta > 0:
                         with torch.no_grad(), policy.reference():
-                            _, ref_mean, _ = sampler.step(
-                                lambda x, s, c: policy.predict(x, s, c, sampler.guidance_scale), traj.latents[:, j],
-                                traj.sigmas, j, cond, True,
+                            _, ref_mean, _ = sampler.log_prob(
+                                lambda x, s, c: policy.predict(x, s, c, sampler.guidance_scale), traj, j, cond
                             )
                     log_prob, mean, std = sampler.log_prob(
                         lambda x, s, c: policy.predict(x, s, c, sampler.guidance_scale), traj, j, cond
@@ -257,6 +260,16 @@ def train(
         t_train = time.time()
 
         metrics = global_nanmean(_reward_values(scored))
+        # Where this iteration's noise went (moves with sliding and random windows), in chain steps.
+        metrics["sampler/first_stochastic_step"] = sampler.start_step + int(chunks[0].stochastic[0].nonzero()[0])
+        if sampler.needs_step_rewards:
+            # Reward-aware noise calibration: the share of samples (over all ranks, so every rank's
+            # sampler stays identical) whose clean-prediction reward rose over each stochastic step.
+            rose = step_reward_gains(policy, rewards, chunks, prompts)
+            rose = torch.where(torch.isnan(rose), rose, (rose > 0).float())
+            share = global_nanmean({f"{j:04d}": rose[:, j] for j in range(rose.shape[1])})
+            sampler.calibrate(torch.tensor([share[f"{j:04d}"] for j in range(rose.shape[1])]))
+            metrics.update({f"sampler/{k}/{j}": v for k, vs in sampler.state_dict().items() for j, v in enumerate(vs)})
         if reward_ok:
             metrics.update({f"train/{k}": v for k, v in agg_stats.items()})  # global already: same on every rank
         metrics.update(global_nanmean({k: torch.stack(v) for k, v in step_stats.items()}))

@@ -168,13 +168,13 @@ def test_ode_transports_noise_to_data():
     ],
 )
 def test_stochastic_steps_window(start, size, expected):
-    mask = FlowSDESampler(noise_level=0.7, window_start=start, window_size=size).stochastic_steps(6)
+    mask = FlowSDESampler(noise_level=0.7, window_start=start, window_size=size).plan(torch.linspace(1, 0, 7)).stochastic
     assert mask.dtype == torch.bool
     assert mask.tolist() == [bool(e) for e in expected]
 
 
 def test_no_stochastic_steps_at_noise_zero():
-    assert not FlowSDESampler(noise_level=0.0, window_start=0, window_size=3).stochastic_steps(6).any()
+    assert not FlowSDESampler(noise_level=0.0, window_start=0, window_size=3).plan(torch.linspace(1, 0, 7)).stochastic.any()
 
 
 # -------------------------------------------------------------- a real policy: replay and chunks
