@@ -114,6 +114,36 @@ class DeepSpeedConfig:
 
 
 @dataclass
+class MonitorRule:
+    """Fires when ``signal`` (a metric key; a trailing * matches a prefix) ``op`` ``threshold``."""
+
+    signal: str = MISSING
+    op: str = ">"  # ">" | "<" | "abs>"
+    threshold: float = 0.0
+    action: str = "warn"  # "warn": print once | "stop": save a checkpoint and stop the run
+
+
+def _default_rules() -> dict:
+    return {
+        "gold_gap": MonitorRule("monitor/gold_gap", ">", 1.0),
+        "group_collapse": MonitorRule("monitor/group_std_ratio", "<", 0.1),
+        "diversity_collapse": MonitorRule("monitor/diversity_ratio", "<", 0.5),
+        "image_drift": MonitorRule("monitor/drift/*", "abs>", 3.0),
+    }
+
+
+@dataclass
+class MonitorConfig:
+    """Reward-hacking monitors (trainer/monitors.py)."""
+
+    enabled: bool = True
+    gold: Optional[List[str]] = None  # held-out eval_rewards compared with the trained ones; null = all eval_rewards
+    image_stats: bool = True  # brightness / saturation / contrast / high-frequency drift of eval images
+    diversity: bool = True  # within-prompt sample diversity of training batches
+    rules: Dict[str, MonitorRule] = field(default_factory=_default_rules)
+
+
+@dataclass
 class TrainConfig:
     exp_name: str = "default"
     seed: int = 0
@@ -130,6 +160,7 @@ class TrainConfig:
     aggregate: Any = MISSING  # how several rewards become one advantage (rewards/aggregate.py)
     rewards: dict = field(default_factory=dict)
     eval_rewards: dict = field(default_factory=dict)
+    monitor: MonitorConfig = field(default_factory=MonitorConfig)
 
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -232,5 +263,13 @@ def validate(cfg: TrainConfig, world_size: int) -> None:
         p.append(f"train.resume ({t.resume!r}) must be 'auto', 'fresh' or a complete checkpoint folder (with COMPLETE.json)")
     if cfg.rewards and all(isinstance(r, dict) and r.get("weight", 1.0) == 0 for r in cfg.rewards.values()):
         p.append("every reward in rewards has weight 0 (monitors only): give at least one a non-zero weight to train on")
+    for name, rule in cfg.monitor.rules.items():
+        if rule.op not in (">", "<", "abs>") or rule.action not in ("warn", "stop"):
+            p.append(f"monitor.rules.{name}: op ({rule.op!r}) must be '>', '<' or 'abs>' and action ({rule.action!r}) "
+                     "'warn' or 'stop'")
+    unknown_gold = sorted(set(cfg.monitor.gold or []) - set(cfg.eval_rewards))
+    if unknown_gold:
+        p.append(f"monitor.gold names {unknown_gold} that are not in eval_rewards ({sorted(cfg.eval_rewards)}); "
+                 "add them to eval_rewards or fix the names")
     if p:
         raise ConfigError(p)

@@ -14,13 +14,15 @@ from trainer.rollout import rollout_chunks
 @torch.no_grad()
 def evaluate(
     policy, sampler, ensembles: list, prompts: list[str], world: World, seed: int, batch: int, height: int, width: int,
-    grid_path: Path | None = None,
+    grid_path: Path | None = None, observe=None,
 ) -> dict[str, float]:
     """Mean eval reward over ``prompts`` (one sample each), sharded across ranks.
 
     The noise of prompt i is ``generator(seed, STREAM_EVAL, 0, i, 0)`` at every evaluation, so
     before/after scores compare the same starting points. Prompts beyond a multiple of world_size
     are dropped so that every rank scores equally many (the collective needs equal shapes).
+    ``observe(per_reward {name: [n_local]}, images [n_local, 3, H, W]) -> dict`` (every rank) adds
+    metrics computed from the samples themselves (the reward-hacking monitors).
     Returns {"eval/<reward>": mean, "eval/<reward>/<component>": nan-mean, "eval/num_prompts": n}.
     """
     n = len(prompts) - len(prompts) % world.world_size
@@ -35,13 +37,17 @@ def evaluate(
     local_prompts = [prompts[int(i)] for i in ids]
     values: dict[str, torch.Tensor] = {}
     first_total = None
+    per_reward = {}
     for ensemble in ensembles:
         result = ensemble(images, local_prompts)
         first_total = result.total if first_total is None else first_total
+        per_reward.update(result.per_reward)
         values.update({f"eval/{name}": r for name, r in result.per_reward.items()})
         values.update({f"eval/{key}": c for key, c in result.components.items()})
     metrics = global_nanmean(values)
     metrics["eval/num_prompts"] = n
+    if observe is not None:
+        metrics.update(observe(per_reward, images))
     if grid_path is not None and world.is_main:
         # Rank 0's own shard is enough to look at; gathering images would cost a collective per eval.
         k = min(32, len(images))

@@ -32,6 +32,7 @@ from trainer.preemption import Preempted, StopRequests
 from trainer.resume import ResumePoint
 from trainer.evaluate import evaluate
 from trainer.metrics import MetricsWriter, save_grid
+from trainer.monitors import HackingMonitor, RewardHackingStop
 from trainer.plots import plot_curves
 from trainer.prompts import load_prompts, step_prompt_ids
 from trainer.rng import STREAM_ROLLOUT, STREAM_TRAIN, generator
@@ -126,6 +127,11 @@ def train(
         eval_prompts = eval_prompts[: cfg.data.eval_size]
     rewards = RewardEnsemble(cfg.rewards)
     aggregator = instantiate(cfg.aggregate)
+    monitor = None
+    if cfg.monitor.enabled:
+        trained = [n for n, wt in rewards.weights.items() if wt != 0 and n not in rewards.regularizers]
+        gold = cfg.monitor.gold if cfg.monitor.gold is not None else list(cfg.eval_rewards)
+        monitor = HackingMonitor(cfg.monitor, trained, gold)
     eval_rewards = RewardEnsemble(cfg.eval_rewards) if cfg.eval_rewards else None
 
     P, G = cfg.data.prompts_per_step, algo.group_size
@@ -153,6 +159,8 @@ def train(
             rewards.load_state_dict(torch.load(resume.checkpoint / REWARDS_STATE_FILE, weights_only=False))
         sampler.load_state_dict(resume.state.get(SAMPLER_STATE_KEY, {}))
         state.update({k: resume.state[k] for k in state})
+        if monitor is not None:
+            monitor.load_state_dict(resume.state.get("monitor", {}))
         if world.is_main:
             print(f"restored weights, optimizer, schedule and generator states from {resume.checkpoint.name} in "
                   f"{time.time() - t_load:.2f} s", flush=True)
@@ -165,15 +173,30 @@ def train(
         metrics = evaluate(
             policy, eval_sampler, [rewards] + ([eval_rewards] if eval_rewards else []), eval_prompts, world,
             cfg.seed, tcfg.eval_batch, h, w, grid_path=run_dir / "samples" / f"eval_{step:06d}.png",
+            observe=monitor.on_eval if monitor is not None else None,
         )
         writer.log(step, metrics)
+        react(metrics, step)
         return metrics
+
+    def react(metrics: dict, step: int) -> None:
+        """Apply the reward-hacking rules: warn once per rule, or save and stop."""
+        for fired in monitor.check(metrics) if monitor is not None else []:
+            if fired.action == "stop":
+                ckpt = save(step)
+                writer.close()
+                raise RewardHackingStop(f"{fired.message(step)}; checkpoint {ckpt}")
+            if fired.rule not in monitor.warned:
+                monitor.warned.add(fired.rule)
+                if world.is_main:
+                    print(f"\nWARNING: {fired.message(step)}", flush=True)
 
     save_seconds: list[float] = []  # reported in the next step's metrics row (time/checkpoint)
 
     def save(step: int) -> Path:
         t = time.time()
         trainer_state = {**state, "world_size": world.world_size, "zero_stage": cfg.deepspeed.zero_stage,
+                         "monitor": monitor.state_dict() if monitor is not None else {},
                          SAMPLER_STATE_KEY: sampler.state_dict()}
         path = save_checkpoint(
             engine, policy, run_dir, step, resolved_yaml, world, trainer_state, rewards.state_dict(), tcfg.keep_last
@@ -287,7 +310,10 @@ def train(
         })
         if save_seconds:
             metrics["time/checkpoint"] = save_seconds.pop()
+        if monitor is not None:
+            metrics.update(monitor.on_train(scored.total, pids, images))
         writer.log(step + 1, metrics)
+        react(metrics, step + 1)
         if world.is_main and tcfg.grid_every and (step % tcfg.grid_every == 0 or step == tcfg.steps - 1):
             k = min(16, len(local_prompts))
             caps = [f"{local_prompts[i]} | r={scored.total[i]:.2f}" for i in range(k)]
