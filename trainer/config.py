@@ -7,7 +7,7 @@ of the wrong type fails at compose time with Hydra's message naming the key. Par
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Any, List, Optional
+from typing import Any, Dict, List, Optional
 
 from pathlib import Path
 
