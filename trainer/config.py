@@ -118,17 +118,17 @@ class MonitorRule:
     """Fires when ``signal`` (a metric key; a trailing * matches a prefix) ``op`` ``threshold``."""
 
     signal: str = MISSING
-    op: str = ">"  # ">" | "<" | "abs>"
+    op: str = "gt"  # "gt" (>) | "lt" (<) | "abs_gt" (|value| >): words, since > and < need quoting on a command line
     threshold: float = 0.0
     action: str = "warn"  # "warn": print once | "stop": save a checkpoint and stop the run
 
 
 def _default_rules() -> dict:
     return {
-        "gold_gap": MonitorRule("monitor/gold_gap", ">", 1.0),
-        "group_collapse": MonitorRule("monitor/group_std_ratio", "<", 0.1),
-        "diversity_collapse": MonitorRule("monitor/diversity_ratio", "<", 0.5),
-        "image_drift": MonitorRule("monitor/drift/*", "abs>", 3.0),
+        "gold_gap": MonitorRule("monitor/gold_gap", "gt", 1.0),
+        "group_collapse": MonitorRule("monitor/group_std_ratio", "lt", 0.1),
+        "diversity_collapse": MonitorRule("monitor/diversity_ratio", "lt", 0.5),
+        "image_drift": MonitorRule("monitor/drift/*", "abs_gt", 3.0),
     }
 
 
@@ -264,8 +264,8 @@ def validate(cfg: TrainConfig, world_size: int) -> None:
     if cfg.rewards and all(isinstance(r, dict) and r.get("weight", 1.0) == 0 for r in cfg.rewards.values()):
         p.append("every reward in rewards has weight 0 (monitors only): give at least one a non-zero weight to train on")
     for name, rule in cfg.monitor.rules.items():
-        if rule.op not in (">", "<", "abs>") or rule.action not in ("warn", "stop"):
-            p.append(f"monitor.rules.{name}: op ({rule.op!r}) must be '>', '<' or 'abs>' and action ({rule.action!r}) "
+        if rule.op not in ("gt", "lt", "abs_gt") or rule.action not in ("warn", "stop"):
+            p.append(f"monitor.rules.{name}: op ({rule.op!r}) must be 'gt', 'lt' or 'abs_gt' and action ({rule.action!r}) "
                      "'warn' or 'stop'")
     unknown_gold = sorted(set(cfg.monitor.gold or []) - set(cfg.eval_rewards))
     if unknown_gold:

@@ -10,7 +10,7 @@ Signals (all logged under ``monitor/``):
                      means every sample of a prompt scores alike (collapse; GRPO's signal vanishes)
   diversity_ratio    mean pairwise distance of samples of the same prompt (16x16 pixel features) /
                      its value at the first step (the base model): mode collapse
-A rule (``monitor.rules.<name>``: signal, op ">" "<" or "abs>", threshold, action "warn" or "stop")
+A rule (``monitor.rules.<name>``: signal, op "gt" "lt" or "abs_gt", threshold, action "warn" or "stop")
 fires when its signal crosses the threshold; "warn" prints once and logs ``monitor/fired/<name>``,
 "stop" makes the loop save a checkpoint and stop with a message naming the signal.
 """
@@ -43,8 +43,9 @@ class Fired:
     action: str
 
     def message(self, step: int) -> str:
+        op = {"gt": ">", "lt": "<", "abs_gt": "in absolute value >"}[self.op]
         return (f"reward-hacking monitor {self.rule!r} fired at step {step}: {self.signal} = {self.value:.4g} "
-                f"{self.op} {self.threshold:g} (see monitor/* in metrics.jsonl and the sample grids)")
+                f"{op} {self.threshold:g} (see monitor/* in metrics.jsonl and the sample grids)")
 
 
 def _global_mean_std(x: torch.Tensor) -> tuple[float, float]:
@@ -143,7 +144,7 @@ class HackingMonitor:
                 v = metrics[key]
                 if not isinstance(v, float) or not math.isfinite(v):
                     continue
-                hit = {">": v > rule.threshold, "<": v < rule.threshold, "abs>": abs(v) > rule.threshold}[rule.op]
+                hit = {"gt": v > rule.threshold, "lt": v < rule.threshold, "abs_gt": abs(v) > rule.threshold}[rule.op]
                 if hit:
                     fired.append(Fired(name, key, v, rule.op, rule.threshold, rule.action))
                     break

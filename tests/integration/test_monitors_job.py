@@ -9,10 +9,10 @@ from trainer.checkpoint import complete_checkpoints
 
 
 def test_a_stop_rule_saves_and_stops_the_run_naming_the_signal(tmp_path):
-    # abs> 0 fires at the first evaluation after training: any change of the trained reward against
+    # abs_gt 0 fires at the first evaluation after training: any change of the trained reward against
     # the gold one (geneval) is a non-zero gap, which proves the signal flows into the rule.
     proc = run([sys.executable, "-m", "launch.train", f"run_dir={tmp_path}", *SMALL, "train.steps=3",
-                "train.eval_every=1", "monitor.rules.gold_gap.op=abs>", "monitor.rules.gold_gap.threshold=0",
+                "train.eval_every=1", "monitor.rules.gold_gap.op=abs_gt", "monitor.rules.gold_gap.threshold=0",
                 "monitor.rules.gold_gap.action=stop"], env=job_env(), expect=1)
     assert "reward-hacking monitor 'gold_gap' fired at step 1: monitor/gold_gap" in proc.stderr
     assert [c.name for c in complete_checkpoints(tmp_path)] == ["step_000001"]

@@ -36,7 +36,7 @@ def test_gold_gap_is_trained_gain_minus_gold_gain_in_baseline_std_units():
 
 
 def test_image_drift_and_wildcard_abs_rule():
-    cfg = MonitorConfig(diversity=False, rules={"drift": MonitorRule("monitor/drift/*", "abs>", 3.0, "stop")})
+    cfg = MonitorConfig(diversity=False, rules={"drift": MonitorRule("monitor/drift/*", "abs_gt", 3.0, "stop")})
     mon = HackingMonitor(cfg, trained=["r"], gold=[])
     grey = torch.full((4, 3, 8, 8), 0.5)
     grey[:2] += 0.1  # some spread at baseline: brightness 0.6, 0.6, 0.5, 0.5 -> std 0.05
