@@ -124,12 +124,29 @@ class MonitorRule:
 
 
 def _default_rules() -> dict:
+    # Plain dicts, not MonitorRule nodes: OmegaConf cannot add a dataclass-typed entry from the command
+    # line (+monitor.rules.dark={signal:...}); rule_from() checks the keys instead.
     return {
-        "gold_gap": MonitorRule("monitor/gold_gap", "gt", 1.0),
-        "group_collapse": MonitorRule("monitor/group_std_ratio", "lt", 0.1),
-        "diversity_collapse": MonitorRule("monitor/diversity_ratio", "lt", 0.5),
-        "image_drift": MonitorRule("monitor/drift/*", "abs_gt", 3.0),
+        "gold_gap": {"signal": "monitor/gold_gap", "op": "gt", "threshold": 1.0, "action": "warn"},
+        "group_collapse": {"signal": "monitor/group_std_ratio", "op": "lt", "threshold": 0.1, "action": "warn"},
+        "diversity_collapse": {"signal": "monitor/diversity_ratio", "op": "lt", "threshold": 0.5, "action": "warn"},
+        "image_drift": {"signal": "monitor/drift/*", "op": "abs_gt", "threshold": 3.0, "action": "warn"},
     }
+
+
+def rule_from(name: str, spec) -> MonitorRule:
+    """A MonitorRule from ``monitor.rules.<name>`` (a dict or a MonitorRule); ValueError names bad keys/values."""
+    if isinstance(spec, MonitorRule):
+        spec = asdict(spec)
+    unknown = sorted(set(spec) - {"signal", "op", "threshold", "action"})
+    if unknown or "signal" not in spec:
+        raise ValueError(f"monitor.rules.{name}: keys are signal (required), op, threshold, action; got unknown "
+                         f"{unknown} or no signal")
+    rule = MonitorRule(**spec)
+    if rule.op not in ("gt", "lt", "abs_gt") or rule.action not in ("warn", "stop"):
+        raise ValueError(f"monitor.rules.{name}: op ({rule.op!r}) must be 'gt', 'lt' or 'abs_gt' and action "
+                         f"({rule.action!r}) 'warn' or 'stop'")
+    return rule
 
 
 @dataclass
@@ -140,7 +157,7 @@ class MonitorConfig:
     gold: Optional[List[str]] = None  # held-out eval_rewards compared with the trained ones; null = all eval_rewards
     image_stats: bool = True  # brightness / saturation / contrast / high-frequency drift of eval images
     diversity: bool = True  # within-prompt sample diversity of training batches
-    rules: Dict[str, MonitorRule] = field(default_factory=_default_rules)
+    rules: Dict[str, Any] = field(default_factory=_default_rules)  # name -> {signal, op, threshold, action}
 
 
 @dataclass
@@ -264,9 +281,10 @@ def validate(cfg: TrainConfig, world_size: int) -> None:
     if cfg.rewards and all(isinstance(r, dict) and r.get("weight", 1.0) == 0 for r in cfg.rewards.values()):
         p.append("every reward in rewards has weight 0 (monitors only): give at least one a non-zero weight to train on")
     for name, rule in cfg.monitor.rules.items():
-        if rule.op not in ("gt", "lt", "abs_gt") or rule.action not in ("warn", "stop"):
-            p.append(f"monitor.rules.{name}: op ({rule.op!r}) must be 'gt', 'lt' or 'abs_gt' and action ({rule.action!r}) "
-                     "'warn' or 'stop'")
+        try:
+            rule_from(name, rule)
+        except (ValueError, TypeError) as e:
+            p.append(str(e))
     unknown_gold = sorted(set(cfg.monitor.gold or []) - set(cfg.eval_rewards))
     if unknown_gold:
         p.append(f"monitor.gold names {unknown_gold} that are not in eval_rewards ({sorted(cfg.eval_rewards)}); "

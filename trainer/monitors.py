@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from rewards.image_stats import ImageStatistic
+from trainer.config import rule_from
 from trainer.distributed import all_gather_cat, all_reduce_sum
 
 STATS = ("brightness", "saturation", "contrast", "high_frequency")
@@ -91,6 +92,7 @@ class HackingMonitor:
 
     def __init__(self, cfg, trained: list[str], gold: list[str]):
         self.cfg, self.trained, self.gold = cfg, list(trained), list(gold)
+        self.rules = {name: rule_from(name, spec) for name, spec in cfg.rules.items()}
         self.stats = {s: ImageStatistic(statistic=s) for s in STATS} if cfg.image_stats else {}
         self.baseline: dict[str, list[float]] = {}  # signal source -> [mean, std] at step 0 / first step
         self.warned: set[str] = set()
@@ -138,7 +140,7 @@ class HackingMonitor:
     def check(self, metrics: dict[str, float]) -> list[Fired]:
         """Rules whose signal is in ``metrics`` and crosses its threshold (warnings print once per rule)."""
         fired = []
-        for name, rule in self.cfg.rules.items():
+        for name, rule in self.rules.items():
             keys = [k for k in metrics if k == rule.signal or (rule.signal.endswith("*") and k.startswith(rule.signal[:-1]))]
             for key in keys:
                 v = metrics[key]

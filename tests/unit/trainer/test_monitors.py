@@ -64,3 +64,23 @@ def test_collapse_ratios_and_state_round_trip():
     restored.load_state_dict(mon.state_dict())
     assert restored.on_train(torch.tensor([1.0, 1.0, 2.0, 2.0]), PIDS, twin) == later
     assert not math.isnan(restored.state_dict()["baseline"]["group_std"][0])
+
+
+def test_rules_from_the_command_line_and_bad_rules_named():
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from trainer.config import ROOT, ConfigError, register, validate
+
+    register()
+    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
+        ok = OmegaConf.to_object(compose("train", overrides=[
+            "+monitor.rules.dark={signal:monitor/drift/brightness,op:lt,threshold:-2,action:stop}"]))
+        bad = OmegaConf.to_object(compose("train", overrides=["+monitor.rules.bad={signal:x,opp:lt}",
+                                                              "monitor.rules.gold_gap.op=bigger"]))
+    validate(ok, 1)
+    mon = HackingMonitor(ok.monitor, trained=["r"], gold=[])
+    assert [f.rule for f in mon.check({"monitor/drift/brightness": -2.5})] == ["dark"]
+    with pytest.raises(ConfigError) as e:
+        validate(bad, 1)
+    assert "monitor.rules.bad" in str(e.value) and "'opp'" in str(e.value) and "'bigger'" in str(e.value)
