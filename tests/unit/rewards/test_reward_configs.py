@@ -29,6 +29,19 @@ GENERIC = ["a photo of a cat", "a red car"]
 
 
 @pytest.fixture(scope="module")
+def endpoints():
+    """{_target_: config keys to point at a local server} for the rewards that score over HTTP: a reward
+    server (serving brightness) for RemoteReward."""
+    from rewards.image_stats import ImageStatistic
+    from rewards.server import make_server
+
+    server = make_server(ImageStatistic("brightness"), "brightness")
+    server.start()
+    yield {"rewards.remote.RemoteReward": {"url": server.url}}
+    server.close()
+
+
+@pytest.fixture(scope="module")
 def specs() -> dict[str, dict]:
     """{file stem: the reward's config as the trainer receives it}: composed into train.yaml, resolved, plain."""
     out = {}
@@ -52,8 +65,8 @@ def test_there_are_reward_configs():
 
 
 @pytest.mark.parametrize("path", REWARD_CONFIGS, ids=lambda p: p.stem)
-def test_every_reward_config_scores_a_batch(path, specs):
-    spec = specs[path.stem]
+def test_every_reward_config_scores_a_batch(path, specs, endpoints):
+    spec = {**specs[path.stem], **endpoints.get(specs[path.stem]["_target_"], {})}
     reward = build(spec)
     assert reward.input_kind == "pixels" and isinstance(reward.differentiable, bool)
     images = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
