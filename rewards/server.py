@@ -1,46 +1,32 @@
 """Serve any steerflow `Reward` over HTTP with the protocol of `rewards/protocol.py`.
 
-`make_server(reward, name, ...)` builds the server that `python -m launch.serve_reward` runs. Its parts:
-
-- handler threads (one per connection, stdlib ``ThreadingHTTPServer``) check the token and the size,
-  decode and validate the body, look every image up in the dedup cache, and wait for the misses;
-- one batcher thread owns the reward: it takes every request queued (up to ``max_batch`` images),
-  waits up to ``batch_wait_ms`` for requests the server is still receiving, scores identical
-  images once, calls the reward on images of the same size together, and hands each request its
-  scores. Requests that arrive while the reward runs queue up and form the next batch, so
-  concurrent clients share batches, and a lone client never waits for company. One thread means
-  the reward is never called concurrently (GPU models and non-thread-safe libraries need no locking);
-- `ServerMetrics`, read at /v1/metrics.
+`make_server(reward, name, ...)` builds the server that `python -m launch.serve_reward` runs: handler
+threads (one per connection, stdlib ``ThreadingHTTPServer``) check the token and the size, decode and
+validate the body, look every image up in the dedup cache, and wait while a `Batcher`
+(rewards/batching.py) scores the misses together with other requests'. Metrics are read at /v1/metrics.
 
 A request never takes the server down: each failure is answered with its status and a message, and
-a reward that raises fails only the requests whose images made it raise (a merged batch that fails
-is retried request by request).
+a reward that raises fails only the requests whose images made it raise.
 """
 from __future__ import annotations
 
-import hashlib
 import hmac
 import ipaddress
 import json
 import logging
-import queue
 import socket
 import threading
 import time
 import warnings
-from collections import OrderedDict, deque
-from concurrent.futures import Future
 from contextlib import contextmanager
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Callable
 
-import numpy as np
-import torch
-
+from rewards.batching import Batcher, Item, RewardFailed, ScoreCache, ServerMetrics, item_key
 from rewards.protocol import (
     HEALTH_PATH, METRICS_PATH, PROTOCOL_VERSION, SCORE_PATH, SUPPORTED_VERSIONS, ProtocolError, ScoreRequest,
-    decode_request, dequantize, encode_scores, error_body,
+    decode_request, encode_scores, error_body,
 )
 
 log = logging.getLogger("steerflow.reward_server")
@@ -48,8 +34,6 @@ log = logging.getLogger("steerflow.reward_server")
 # the body: closing a socket with unread data makes the kernel send a reset, which can destroy the
 # answer before the client reads it.
 DRAIN_SECONDS = 2.0
-LATENCY_WINDOW = 1024  # requests kept for the latency percentiles
-POLL_S = 0.0005  # how often the batcher looks for a request that is still being received
 
 
 @dataclass
@@ -72,243 +56,6 @@ class ServerOptions:
             problems.append("token must be a non-empty string or null")
         if problems:
             raise ValueError("invalid reward server options: " + "; ".join(problems))
-
-
-class RewardFailed(RuntimeError):
-    """The served reward raised; the message names it and the exception."""
-
-
-class ServerMetrics:
-    """Thread-safe counters for /v1/metrics."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._start = time.monotonic()
-        self._counts = dict.fromkeys(
-            ("requests", "errors", "images", "images_scored", "cache_hits", "dedup_hits", "jobs", "batches", "rounds",
-             "merged_rounds", "max_requests_merged", "max_batch_images"), 0)
-        self._reward_s = 0.0
-        self._status: dict[str, int] = {}
-        self._latency: deque[float] = deque(maxlen=LATENCY_WINDOW)
-
-    def add(self, **counts: int) -> None:
-        with self._lock:
-            for key, value in counts.items():
-                self._counts[key] += value
-
-    def batch(self, images: int, seconds: float) -> None:
-        with self._lock:
-            self._counts["batches"] += 1
-            self._counts["images_scored"] += images
-            self._counts["max_batch_images"] = max(self._counts["max_batch_images"], images)
-            self._reward_s += seconds
-
-    def round(self, requests: int) -> None:
-        with self._lock:
-            self._counts["rounds"] += 1
-            self._counts["merged_rounds"] += requests > 1
-            self._counts["max_requests_merged"] = max(self._counts["max_requests_merged"], requests)
-
-    def response(self, status: int, seconds: float) -> None:
-        with self._lock:
-            self._status[str(status)] = self._status.get(str(status), 0) + 1
-            self._counts["errors"] += status >= 400
-            self._latency.append(seconds)
-
-    def snapshot(self) -> dict:
-        with self._lock:
-            latency = sorted(self._latency)
-            out = dict(self._counts, responses=dict(self._status), reward_s=round(self._reward_s, 6),
-                       uptime_s=round(time.monotonic() - self._start, 3))
-
-        def pct(q: float) -> float:
-            return round(1000 * latency[min(len(latency) - 1, int(q * len(latency)))], 3)
-
-        out["latency_ms"] = ({"count": len(latency), "mean": round(1000 * sum(latency) / len(latency), 3),
-                              "p50": pct(0.5), "p95": pct(0.95), "max": pct(1.0)} if latency else {"count": 0})
-        return out
-
-
-class ScoreCache:
-    """LRU map from an image key to its scores {name: float}; thread-safe."""
-
-    def __init__(self, capacity: int) -> None:
-        self.capacity = capacity
-        self._lock = threading.Lock()
-        self._entries: OrderedDict[bytes, dict[str, float]] = OrderedDict()
-
-    def get(self, key: bytes) -> dict[str, float] | None:
-        with self._lock:
-            value = self._entries.get(key)
-            if value is not None:
-                self._entries.move_to_end(key)
-            return value
-
-    def put(self, key: bytes, value: dict[str, float]) -> None:
-        with self._lock:
-            self._entries[key] = value
-            self._entries.move_to_end(key)
-            while len(self._entries) > self.capacity:
-                self._entries.popitem(last=False)
-
-    def __len__(self) -> int:
-        return len(self._entries)
-
-
-def item_key(pixels: np.ndarray, prompt: str, metadata: dict | None) -> bytes:
-    """Identity of one scoring input: SHA-256 over shape, pixels, prompt and canonical metadata JSON.
-
-    Every field is length-prefixed, so no two different inputs concatenate to the same bytes.
-    """
-    h = hashlib.sha256()
-    for part in (repr(pixels.shape).encode(), np.ascontiguousarray(pixels).data, prompt.encode("utf-8"),
-                 json.dumps(metadata, sort_keys=True, separators=(",", ":")).encode("utf-8")):
-        h.update(len(part).to_bytes(8, "little"))
-        h.update(part)
-    return h.digest()
-
-
-def score_columns(out, batch: int, name: str) -> dict[str, list[float]]:
-    """A reward's answer (tensor [B] or dict with "reward") -> {"reward": B floats, component: B floats}."""
-    if not isinstance(out, dict):
-        out = {"reward": out}
-    if "reward" not in out:
-        raise RuntimeError(f"reward {name!r} returned a dict without 'reward' (keys {sorted(out)})")
-    columns = {}
-    for key, value in out.items():
-        value = torch.as_tensor(value).detach().float().reshape(-1).cpu()
-        if value.numel() != batch:
-            raise RuntimeError(f"reward {name!r} returned {value.numel()} values for {key!r} on a batch of {batch}")
-        columns[key] = value.tolist()  # float32 -> exact Python floats
-    return columns
-
-
-@dataclass
-class _Item:
-    pixels: np.ndarray
-    prompt: str
-    metadata: dict | None
-    key: bytes | None  # None: deduplication is off
-
-
-@dataclass
-class _Job:
-    items: list[_Item]
-    future: Future
-
-
-_STOP = object()
-
-
-class Batcher:
-    """Owns the reward: merges queued jobs into batches and scores them on one thread."""
-
-    def __init__(self, reward, name: str, max_batch: int, wait_s: float, metrics: ServerMetrics,
-                 arriving: Callable[[], bool] = lambda: False) -> None:
-        """``arriving()``: whether requests are being received that will be submitted soon."""
-        self.reward, self.name, self.max_batch, self.wait_s, self.metrics = reward, name, max_batch, wait_s, metrics
-        self.arriving = arriving
-        self.busy_since: float | None = None  # time.monotonic() when the running reward call began
-        self._queue: queue.SimpleQueue = queue.SimpleQueue()
-        self._thread = threading.Thread(target=self._run, name=f"reward-batcher-{name}", daemon=True)
-        self._thread.start()
-
-    def submit(self, items: list[_Item]) -> Future:
-        """Queue items; the future resolves to one {name: float} per item, or raises RewardFailed."""
-        job = _Job(items, Future())
-        self.metrics.add(jobs=1)
-        self._queue.put(job)
-        return job.future
-
-    def close(self) -> None:
-        self._queue.put(_STOP)
-        self._thread.join()
-
-    def _run(self) -> None:
-        carry = None
-        while True:
-            first = carry if carry is not None else self._queue.get()
-            if first is _STOP:
-                return
-            jobs, carry = self._collect(first)
-            self.metrics.round(len(jobs))
-            self._score_jobs(jobs)
-
-    def _collect(self, first: _Job) -> tuple[list[_Job], object]:
-        """``first`` plus the queued jobs, and those submitted within wait_s while requests are still
-        arriving, as long as the total stays <= max_batch images; returns them and the job (or _STOP)
-        that must start the next round."""
-        jobs, images = [first], len(first.items)
-        deadline = time.monotonic() + self.wait_s
-        while images < self.max_batch:
-            try:
-                job = self._queue.get_nowait()
-            except queue.Empty:
-                if not self.arriving() or time.monotonic() >= deadline:
-                    break
-                # Short polls rather than one long get: the arrival may end in an error instead.
-                try:
-                    job = self._queue.get(timeout=min(POLL_S, max(0.0, deadline - time.monotonic())))
-                except queue.Empty:
-                    continue
-            if job is _STOP or images + len(job.items) > self.max_batch:
-                return jobs, job
-            jobs.append(job)
-            images += len(job.items)
-        return jobs, None
-
-    def _score_jobs(self, jobs: list[_Job]) -> None:
-        try:
-            scores = self._score_items([item for job in jobs for item in job.items])
-        except BaseException as e:  # even SystemExit from a reward: this thread must outlive it
-            self.busy_since = None
-            if len(jobs) > 1:
-                # One request's images (say, a prompt the reward cannot parse) must not fail the
-                # others merged with it: score each request alone to find out whose it was.
-                for job in jobs:
-                    self._score_jobs([job])
-                return
-            n = len(jobs[0].items)
-            log.warning("reward %r failed on a batch of %d: %s: %s", self.name, n, type(e).__name__, e)
-            jobs[0].future.set_exception(RewardFailed(f"reward {self.name!r} failed on a batch of {n} image(s): "
-                                                      f"{type(e).__name__}: {e}"))
-            return
-        start = 0
-        for job in jobs:
-            job.future.set_result(scores[start : start + len(job.items)])
-            start += len(job.items)
-
-    def _score_items(self, items: list[_Item]) -> list[dict[str, float]]:
-        first_of: dict[bytes, int] = {}  # key -> index of its first occurrence, which gets scored
-        todo: list[int] = []
-        for i, item in enumerate(items):
-            if item.key is None or item.key not in first_of:
-                if item.key is not None:
-                    first_of[item.key] = i
-                todo.append(i)
-        self.metrics.add(dedup_hits=len(items) - len(todo))
-        by_shape: dict[tuple, list[int]] = {}
-        for i in todo:
-            by_shape.setdefault(items[i].pixels.shape, []).append(i)
-        scores: list[dict[str, float] | None] = [None] * len(items)
-        for indices in by_shape.values():
-            for start in range(0, len(indices), self.max_batch):
-                chunk = indices[start : start + self.max_batch]
-                images = dequantize(np.stack([items[i].pixels for i in chunk]))
-                prompts = [items[i].prompt for i in chunk]
-                metadata = None if all(items[i].metadata is None for i in chunk) else [items[i].metadata or {} for i in chunk]
-                t0 = time.perf_counter()
-                self.busy_since = time.monotonic()
-                out = self.reward(images, prompts, metadata)
-                self.busy_since = None
-                columns = score_columns(out, len(chunk), self.name)
-                self.metrics.batch(len(chunk), time.perf_counter() - t0)
-                for j, i in enumerate(chunk):
-                    scores[i] = {key: values[j] for key, values in columns.items()}
-        for i, item in enumerate(items):
-            if scores[i] is None:
-                scores[i] = scores[first_of[item.key]]
-        return scores
 
 
 class RewardService:
@@ -352,7 +99,7 @@ class RewardService:
         """
         n = len(request.prompts)
         metadata = request.metadata or [None] * n
-        items = [_Item(p, prompt, meta, item_key(p, prompt, meta) if self.cache is not None else None)
+        items = [Item(p, prompt, meta, item_key(p, prompt, meta) if self.cache is not None else None)
                  for p, prompt, meta in zip(request.pixels, request.prompts, metadata)]
         results = [self.cache.get(it.key) if self.cache is not None else None for it in items]
         misses = [i for i, r in enumerate(results) if r is None]
