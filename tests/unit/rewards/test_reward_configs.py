@@ -1,6 +1,7 @@
 """Every reward config composes into the training job the way users attach it
 (``+reward@rewards.<name>=<file>``), builds the way `RewardEnsemble` builds it, and scores a batch."""
 
+import sys
 from pathlib import Path
 
 import pytest
@@ -17,6 +18,7 @@ CONF = Path(__file__).resolve().parents[3] / "conf"
 REWARD_CONFIGS = sorted(CONF.glob("reward/*.yaml"))
 
 register()
+sys.path.insert(0, str(Path(__file__).parent))  # fake_openai.py, the stand-in VLM server
 
 # Rewards that parse their prompts need prompts in their grammar; any other reward gets GENERIC.
 # A new prompt-parsing reward fails test_every_reward_config_scores_a_batch until it is added here.
@@ -31,13 +33,15 @@ GENERIC = ["a photo of a cat", "a red car"]
 @pytest.fixture(scope="module")
 def endpoints():
     """{_target_: config keys to point at a local server} for the rewards that score over HTTP: a reward
-    server (serving brightness) for RemoteReward."""
+    server (serving brightness) for RemoteReward, a fake OpenAI-compatible judge for OpenAIJudge."""
+    from fake_openai import FakeOpenAI
     from rewards.image_stats import ImageStatistic
     from rewards.server import make_server
 
     server = make_server(ImageStatistic("brightness"), "brightness")
     server.start()
-    yield {"rewards.remote.RemoteReward": {"url": server.url}}
+    with FakeOpenAI() as judge:
+        yield {"rewards.remote.RemoteReward": {"url": server.url}, "rewards.vlm_judge.OpenAIJudge": {"base_url": judge.base_url}}
     server.close()
 
 
