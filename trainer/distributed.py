@@ -138,9 +138,18 @@ def global_nanmean(values: dict[str, torch.Tensor]) -> dict[str, float]:
 
     One all-reduce for all keys: a collective per metric would cost a network round trip each.
     """
-    if not values:
-        return {}
     keys = sorted(values)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        # Ranks may hold different keys (a component only some prompts have, a remote reward that
+        # failed on one rank): reduce over the union, a missing key counting as no values, instead of
+        # mismatched all-reduces (an error or a hang).
+        every: list = [None] * dist.get_world_size()
+        dist.all_gather_object(every, keys)
+        keys = sorted(set().union(*every))
+        n = next(iter(values.values())).numel() if values else 0
+        values = {k: values.get(k, torch.full((max(n, 1),), float("nan"))) for k in keys}
+    if not keys:
+        return {}
     # float64 sums: exact for fp32 inputs at these sizes, so the mean does not depend on how the
     # samples are split across ranks (1 and N processes log identical numbers).
     stacked = torch.stack([values[k].detach().double().cpu().reshape(-1) for k in keys])  # [K, N]

@@ -83,9 +83,12 @@ GLOBAL_IDS = torch.tensor([2, 0, 1, 0, 2, 1, 1, 0, 2, 1, 0, 2])
 GLOBAL_REWARDS = torch.tensor([0.3, 1.0, -2.0, 0.5, 0.3, 4.0, 1.5, 0.0, 0.9, -1.0, 2.5, 0.1])
 # global_nanmean inputs per rank: "a" has NaNs on both ranks; "b" is all NaN; "c" has none.
 NAN = float("nan")
+# "d" exists only on rank 1 and "e" only on rank 0 (a remote reward that failed on one rank): the union is reduced.
 NANMEAN_INPUTS = [
-    {"a": torch.tensor([1.0, NAN, 3.0]), "b": torch.full((3,), NAN), "c": torch.tensor([1.0, 2.0, 3.0])},
-    {"a": torch.tensor([NAN, 5.0, NAN]), "b": torch.full((3,), NAN), "c": torch.tensor([4.0, 5.0, 6.0])},
+    {"a": torch.tensor([1.0, NAN, 3.0]), "b": torch.full((3,), NAN), "c": torch.tensor([1.0, 2.0, 3.0]),
+     "e": torch.tensor([2.0, 2.0, 2.0])},
+    {"a": torch.tensor([NAN, 5.0, NAN]), "b": torch.full((3,), NAN), "c": torch.tensor([4.0, 5.0, 6.0]),
+     "d": torch.tensor([7.0, 8.0, 9.0])},
 ]
 
 
@@ -128,4 +131,5 @@ def test_groups_spanning_two_ranks_match_the_single_process_result(tmp_path):
         assert r["nanmean"]["a"] == pytest.approx(3.0)
         assert math.isnan(r["nanmean"]["b"])
         assert r["nanmean"]["c"] == pytest.approx(3.5)
-        assert set(r["nanmean"]) == {"a", "b", "c"}
+        assert r["nanmean"]["d"] == pytest.approx(8.0) and r["nanmean"]["e"] == pytest.approx(2.0)
+        assert set(r["nanmean"]) == {"a", "b", "c", "d", "e"}
