@@ -1,0 +1,106 @@
+"""Tiny random checkpoints for the learned rewards, built from config and saved the way the real ones
+ship (transformers folders, a LAION-style head state dict, reference images), so the rewards' real
+loading code runs in tests. Nothing is downloaded."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import nn
+
+# Processor settings of the real checkpoints at 1/7 scale: CLIP resizes the short side to 224 and crops
+# 224 (here 32/32); DINOv2 resizes to 256 and crops 224 (here 36/32).
+CLIP_SIZE = 32
+DINO_RESIZE, DINO_CROP = 36, 32
+AESTHETIC_WIDTHS = (768, 1024, 128, 64, 16, 1)  # the published head
+
+
+def save_tiny_clip(folder: Path, projection_dim: int = 16, seed: int = 0) -> Path:
+    """A random CLIPModel (1 layer per tower, 16 wide, 8-px patches on 32-px images), its CLIP BPE
+    tokenizer and a CLIPImageProcessor config, saved as a transformers folder."""
+    from conftest import _tiny_clip_tokenizer
+    from transformers import CLIPConfig, CLIPImageProcessorPil, CLIPModel
+
+    torch.manual_seed(seed)
+    tokenizer = _tiny_clip_tokenizer()
+    config = CLIPConfig(
+        text_config=dict(
+            vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+            max_position_embeddings=77, bos_token_id=0, eos_token_id=1, pad_token_id=1,
+        ),
+        vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=CLIP_SIZE, patch_size=8),
+        projection_dim=projection_dim,
+    )
+    CLIPModel(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    CLIPImageProcessorPil(size={"shortest_edge": CLIP_SIZE}, crop_size={"height": CLIP_SIZE, "width": CLIP_SIZE}).save_pretrained(folder)
+    return Path(folder)
+
+
+def aesthetic_mlp(widths=AESTHETIC_WIDTHS) -> nn.Sequential:
+    """The LAION improved-aesthetic-predictor MLP as its repository defines it (`MLP.layers`)."""
+    a, b, c, d, e, f = widths
+    return nn.Sequential(
+        nn.Linear(a, b), nn.Dropout(0.2), nn.Linear(b, c), nn.Dropout(0.2), nn.Linear(c, d), nn.Dropout(0.1),
+        nn.Linear(d, e), nn.Linear(e, f),
+    )
+
+
+def save_aesthetic_head(file: Path, widths=AESTHETIC_WIDTHS, seed: int = 0) -> Path:
+    """A random head saved like sac+logos+ava1-l14-linearMSE.pth (keys layers.N.*), or as safetensors."""
+    torch.manual_seed(seed)
+    state = {f"layers.{k}": v for k, v in aesthetic_mlp(widths).state_dict().items()}
+    if Path(file).suffix == ".safetensors":
+        from safetensors.torch import save_file
+
+        save_file(state, str(file))
+    else:
+        torch.save(state, file)
+    return Path(file)
+
+
+def save_tiny_dino(folder: Path, seed: int = 0) -> Path:
+    """A random Dinov2Model (1 layer, 16 wide, 8-px patches) and a BiT processor config like DINOv2's.
+
+    initializer_range=0.5: at the default 0.02 the learned CLS token swamps the patches and every image's
+    CLS feature has cosine > 0.99 with every other's, which would hide most bugs."""
+    from transformers import BitImageProcessorPil, Dinov2Config, Dinov2Model
+
+    torch.manual_seed(seed)
+    config = Dinov2Config(
+        hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32, image_size=DINO_CROP, patch_size=8,
+        initializer_range=0.5,
+    )
+    Dinov2Model(config).save_pretrained(folder)
+    BitImageProcessorPil(
+        size={"shortest_edge": DINO_RESIZE}, crop_size={"height": DINO_CROP, "width": DINO_CROP},
+        image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225],
+    ).save_pretrained(folder)
+    return Path(folder)
+
+
+def save_reference_images(folder: Path, sizes=((32, 32), (40, 48), (50, 36)), seed: int = 0) -> list[Path]:
+    """Random RGB PNGs of the given (height, width) in `folder`, named ref0.png, ref1.png, ..."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    paths = []
+    for i, (h, w) in enumerate(sizes):
+        paths.append(folder / f"ref{i}.png")
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(paths[-1])
+    return paths
+
+
+def random_uint8_images(batch: int, height: int, width: int, seed: int) -> torch.Tensor:
+    """float32 [B, 3, H, W] on the 8-bit grid (k / 255): what a processor sees after its uint8 round trip."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 256, (batch, 3, height, width), generator=g).float() / 255
+
+
+def to_pil(images: torch.Tensor) -> list[Image.Image]:
+    """[B, 3, H, W] on the 8-bit grid -> B PIL RGB images, exactly."""
+    arrays = (images * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    return [Image.fromarray(a) for a in arrays]
