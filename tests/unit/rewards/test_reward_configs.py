@@ -29,6 +29,32 @@ PROMPTS = {
 }
 GENERIC = ["a photo of a cat", "a red car"]
 
+# Rewards whose config names a local checkpoint get a tiny random one (tiny_reward_models.py) through
+# the same command-line overrides a user gives: {file stem: {key: name in `local_models`}}. A new config
+# that needs files fails test_every_reward_config_scores_a_batch until it is added here.
+LOCAL_MODELS = {
+    "clip_score": {"path": "clip"},
+    "pickscore": {"path": "clip", "processor_path": "clip"},
+    "hpsv2": {"path": "clip"},
+    "laion_aesthetic": {"path": "clip", "head": "aesthetic_head"},
+    "dino_similarity": {"path": "dino", "references": "references"},
+}
+
+
+@pytest.fixture(scope="module")
+def local_models(tmp_path_factory) -> dict[str, str]:
+    """{name: path} of tiny random checkpoints saved the way the real ones ship."""
+    from tiny_reward_models import save_aesthetic_head, save_reference_images, save_tiny_clip, save_tiny_dino
+
+    root = tmp_path_factory.mktemp("reward_models")
+    save_reference_images(root / "references")
+    return {
+        "clip": str(save_tiny_clip(root / "clip")),
+        "aesthetic_head": str(save_aesthetic_head(root / "head.pth", widths=(16, 32, 16, 8, 4, 1))),
+        "dino": str(save_tiny_dino(root / "dino")),
+        "references": str(root / "references"),
+    }
+
 
 @pytest.fixture(scope="module")
 def endpoints():
@@ -46,12 +72,13 @@ def endpoints():
 
 
 @pytest.fixture(scope="module")
-def specs() -> dict[str, dict]:
+def specs(local_models) -> dict[str, dict]:
     """{file stem: the reward's config as the trainer receives it}: composed into train.yaml, resolved, plain."""
     out = {}
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         for path in REWARD_CONFIGS:
-            cfg = compose("train", overrides=[f"+reward@rewards.probe={path.stem}"])
+            local = [f"rewards.probe.{key}={local_models[name]}" for key, name in LOCAL_MODELS.get(path.stem, {}).items()]
+            cfg = compose("train", overrides=[f"+reward@rewards.probe={path.stem}", *local])
             out[path.stem] = OmegaConf.to_container(cfg.rewards.probe, resolve=True)
     return out
 
@@ -94,7 +121,7 @@ def test_differentiable_configs_pass_gradients_to_pixels(specs):
         (out["reward"] if isinstance(out, dict) else out).sum().backward()
         assert images.grad is not None and images.grad.abs().sum() > 0, spec
         checked += 1
-    assert checked >= 4  # brightness, saturation, contrast, high_frequency
+    assert checked >= 9  # brightness, saturation, contrast, high_frequency; clip_score, pickscore, hpsv2, laion_aesthetic, dino_similarity
 
 
 def test_jpeg_incompressibility_is_compressibility_with_the_opposite_sign(specs):
