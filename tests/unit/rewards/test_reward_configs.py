@@ -38,13 +38,15 @@ LOCAL_MODELS = {
     "hpsv2": {"path": "clip"},
     "laion_aesthetic": {"path": "clip", "head": "aesthetic_head"},
     "dino_similarity": {"path": "dino", "references": "references"},
+    "vlm_judge_local": {"path": "vlm"},
+    "prompt_echo": {"path": "vlm"},
 }
 
 
 @pytest.fixture(scope="module")
 def local_models(tmp_path_factory) -> dict[str, str]:
     """{name: path} of tiny random checkpoints saved the way the real ones ship."""
-    from tiny_reward_models import save_aesthetic_head, save_reference_images, save_tiny_clip, save_tiny_dino
+    from tiny_reward_models import save_aesthetic_head, save_reference_images, save_tiny_clip, save_tiny_dino, save_tiny_llava
 
     root = tmp_path_factory.mktemp("reward_models")
     save_reference_images(root / "references")
@@ -53,6 +55,7 @@ def local_models(tmp_path_factory) -> dict[str, str]:
         "aesthetic_head": str(save_aesthetic_head(root / "head.pth", widths=(16, 32, 16, 8, 4, 1))),
         "dino": str(save_tiny_dino(root / "dino")),
         "references": str(root / "references"),
+        "vlm": str(save_tiny_llava(root / "vlm")),
     }
 
 

@@ -104,3 +104,56 @@ def to_pil(images: torch.Tensor) -> list[Image.Image]:
     """[B, 3, H, W] on the 8-bit grid -> B PIL RGB images, exactly."""
     arrays = (images * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
     return [Image.fromarray(a) for a in arrays]
+
+
+# A chat template in the ChatML form most VLMs use; the image placeholder is LLaVA's "<image>".
+CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}{% for part in message['content'] %}"
+    "{% if part['type'] == 'image' %}<image>{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+YES_TOKENS, NO_TOKENS = ("yes", "Ġyes", "Yes", "ĠYes"), ("no", "Ġno", "No", "ĠNo")
+
+
+def tiny_byte_level_tokenizer():
+    """A byte-level BPE tokenizer (Qwen2's class) over the 256 byte symbols, with merges that make single
+    tokens of yes/no (YES_TOKENS, NO_TOKENS; "Ġ" marks a leading space) and ChatML + "<image>" specials."""
+    from tokenizers import pre_tokenizers
+    from transformers import Qwen2Tokenizer
+
+    vocab = {c: i for i, c in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
+    merges = [("e", "s"), ("y", "es"), ("Y", "es"), ("Ġ", "y"), ("Ġy", "es"), ("Ġ", "Y"), ("ĠY", "es"),
+              ("n", "o"), ("N", "o"), ("Ġ", "n"), ("Ġn", "o"), ("Ġ", "N"), ("ĠN", "o")]
+    for a, b in merges:
+        vocab.setdefault(a + b, len(vocab))
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<image>"]
+    for token in specials:
+        vocab[token] = len(vocab)
+    tokenizer = Qwen2Tokenizer(vocab=vocab, merges=merges)
+    tokenizer.add_special_tokens({"additional_special_tokens": specials[1:]})
+    return tokenizer
+
+
+def save_tiny_llava(folder: Path, seed: int = 0) -> Path:
+    """A random LlavaForConditionalGeneration (CLIP vision tower and Llama text model, 1 layer each,
+    16 wide) with a LlavaProcessor (CLIP image processor at 32 px, the byte-level tokenizer, CHAT_TEMPLATE).
+    Qwen2-VL cannot stand in here: its processor needs a video processor, which needs torchvision."""
+    from transformers import CLIPImageProcessorPil, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
+
+    torch.manual_seed(seed)
+    tokenizer = tiny_byte_level_tokenizer()
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in ("<|endoftext|>", "<|im_end|>", "<image>")}
+    config = LlavaConfig(
+        vision_config=dict(model_type="clip_vision_model", hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                           num_attention_heads=2, image_size=CLIP_SIZE, patch_size=8),
+        text_config=dict(model_type="llama", vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=1, bos_token_id=ids["<|endoftext|>"],
+                         eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"]),
+        image_token_index=ids["<image>"], vision_feature_layer=-1, vision_feature_select_strategy="default",
+    )
+    LlavaForConditionalGeneration(config).save_pretrained(folder)
+    image_processor = CLIPImageProcessorPil(size={"shortest_edge": CLIP_SIZE}, crop_size={"height": CLIP_SIZE, "width": CLIP_SIZE})
+    LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, chat_template=CHAT_TEMPLATE, patch_size=8,
+                   vision_feature_select_strategy="default", image_token="<image>", num_additional_image_tokens=1).save_pretrained(folder)
+    return Path(folder)
