@@ -31,6 +31,47 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _load_comm_op_safely() -> None:
+    """Load DeepSpeed's CPU shared-memory comm op without the stale-lock hang.
+
+    DeepSpeed JIT-loads this op on every start, and torch guards the build folder with a plain lock
+    file (FileBaton). A process killed inside that window (kill -9, preemption, a crashed node) leaves
+    the file behind, and every later start on the machine waits on it forever. Here the load runs
+    under an flock, which the kernel releases when its holder dies: holding it, a leftover lock file
+    can only be stale, so it is removed. DeepSpeed is then handed the loaded module instead of loading
+    it again. (Only steerflow processes take the flock; a foreign DeepSpeed build at the same instant
+    could race, which is harmless when the op is already built.)
+    """
+    import fcntl
+    import sys
+
+    # One build per environment: two venvs sharing the default folder rebuild it for each other.
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(sys.prefix, "torch_extensions"))
+    import importlib
+
+    # importlib: `import deepspeed.comm.torch as m` binds the torch package (deepspeed.comm imports torch).
+    ds_torch = importlib.import_module("deepspeed.comm.torch")
+    from deepspeed.accelerator import get_accelerator
+    from torch.utils import cpp_extension
+
+    builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
+    if builder is None or getattr(ds_torch.build_shm_op, "steerflow_loaded", False):
+        return
+    build_dir = cpp_extension._get_build_directory(builder.name, verbose=False)
+    with open(os.path.join(os.path.dirname(build_dir), f"{builder.name}.steerflow.flock"), "w") as guard:
+        fcntl.flock(guard, fcntl.LOCK_EX)
+        stale = os.path.join(build_dir, "lock")
+        if os.path.exists(stale):
+            os.remove(stale)
+        module = ds_torch.build_shm_op()
+
+    def loaded():
+        return module
+
+    loaded.steerflow_loaded = True
+    ds_torch.build_shm_op = loaded
+
+
 def init_distributed(device: str = "auto", backend: str = "auto") -> World:
     """Join (or create) the process group that rollout and learning share.
 
@@ -43,6 +84,7 @@ def init_distributed(device: str = "auto", backend: str = "auto") -> World:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     import deepspeed
 
+    _load_comm_op_safely()
     from trainer.slurm import torch_env_from_slurm
 
     # A bare `srun python -m launch.train` task (one per GPU, no torchrun) gets its ranks from SLURM's env.
