@@ -40,13 +40,16 @@ LOCAL_MODELS = {
     "dino_similarity": {"path": "dino", "references": "references"},
     "vlm_judge_local": {"path": "vlm"},
     "prompt_echo": {"path": "vlm"},
+    "image_reward": {"path": "image_reward"},
 }
 
 
 @pytest.fixture(scope="module")
 def local_models(tmp_path_factory) -> dict[str, str]:
     """{name: path} of tiny random checkpoints saved the way the real ones ship."""
-    from tiny_reward_models import save_aesthetic_head, save_reference_images, save_tiny_clip, save_tiny_dino, save_tiny_llava
+    from tiny_reward_models import (
+        save_aesthetic_head, save_reference_images, save_tiny_clip, save_tiny_dino, save_tiny_image_reward, save_tiny_llava,
+    )
 
     root = tmp_path_factory.mktemp("reward_models")
     save_reference_images(root / "references")
@@ -56,6 +59,7 @@ def local_models(tmp_path_factory) -> dict[str, str]:
         "dino": str(save_tiny_dino(root / "dino")),
         "references": str(root / "references"),
         "vlm": str(save_tiny_llava(root / "vlm")),
+        "image_reward": str(save_tiny_image_reward(root)[1]),
     }
 
 
@@ -124,7 +128,7 @@ def test_differentiable_configs_pass_gradients_to_pixels(specs):
         (out["reward"] if isinstance(out, dict) else out).sum().backward()
         assert images.grad is not None and images.grad.abs().sum() > 0, spec
         checked += 1
-    assert checked >= 9  # brightness, saturation, contrast, high_frequency; clip_score, pickscore, hpsv2, laion_aesthetic, dino_similarity
+    assert checked >= 10  # brightness, saturation, contrast, high_frequency; clip_score, pickscore, hpsv2, laion_aesthetic, dino_similarity, image_reward
 
 
 def test_jpeg_incompressibility_is_compressibility_with_the_opposite_sign(specs):

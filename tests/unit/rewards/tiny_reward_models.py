@@ -157,3 +157,78 @@ def save_tiny_llava(folder: Path, seed: int = 0) -> Path:
     LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, chat_template=CHAT_TEMPLATE, patch_size=8,
                    vision_feature_select_strategy="default", image_token="<image>", num_additional_image_tokens=1).save_pretrained(folder)
     return Path(folder)
+
+
+def tiny_bert_tokenizer_folder(folder: Path) -> Path:
+    """A BERT WordPiece tokenizer (bert-base-uncased's special tokens, letters and a few words), saved."""
+    import string
+
+    from transformers import BertTokenizer
+
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "red", "circle", "cat", "photo", "of", "car", "two"]
+    words += [c for c in string.ascii_lowercase if c not in words] + [f"##{c}" for c in string.ascii_lowercase]
+    BertTokenizer(vocab={w: i for i, w in enumerate(words)}).save_pretrained(folder)
+    return Path(folder)
+
+
+IMAGE_REWARD_DIMS = dict(vision_width=24, vision_heads=2, patch=8, image=32, text_width=16, text_heads=2, layers=2)
+
+
+def random_image_reward_state(vocab: int, seed: int = 0) -> dict[str, torch.Tensor]:
+    """A random state dict in ImageReward.pt's layout: BLIP's timm-style ViT under blip.visual_encoder,
+    BLIP's BERT with cross-attention under blip.text_encoder (built here with transformers' BlipTextModel,
+    whose names match BLIP's med.py), BLIP's ITC projections, and the MLP head under mlp.layers."""
+    from transformers import BlipTextConfig, BlipTextModel
+
+    d = IMAGE_REWARD_DIMS
+    g = torch.Generator().manual_seed(seed)
+
+    def t(*shape, scale=0.2):
+        return torch.randn(*shape, generator=g) * scale
+
+    w = d["vision_width"]
+    grid = (d["image"] // d["patch"]) ** 2
+    state = {"blip.visual_encoder.patch_embed.proj.weight": t(w, 3, d["patch"], d["patch"]), "blip.visual_encoder.patch_embed.proj.bias": t(w),
+             "blip.visual_encoder.cls_token": t(1, 1, w), "blip.visual_encoder.pos_embed": t(1, grid + 1, w),
+             "blip.visual_encoder.norm.weight": 1 + t(w, scale=0.1), "blip.visual_encoder.norm.bias": t(w, scale=0.1)}
+    for i in range(d["layers"]):
+        p = f"blip.visual_encoder.blocks.{i}."
+        state |= {p + "norm1.weight": 1 + t(w, scale=0.1), p + "norm1.bias": t(w, scale=0.1), p + "attn.qkv.weight": t(3 * w, w),
+                  p + "attn.qkv.bias": t(3 * w), p + "attn.proj.weight": t(w, w), p + "attn.proj.bias": t(w),
+                  p + "norm2.weight": 1 + t(w, scale=0.1), p + "norm2.bias": t(w, scale=0.1), p + "mlp.fc1.weight": t(4 * w, w),
+                  p + "mlp.fc1.bias": t(4 * w), p + "mlp.fc2.weight": t(w, 4 * w), p + "mlp.fc2.bias": t(w)}
+    torch.manual_seed(seed)
+    text = BlipTextModel(BlipTextConfig(
+        vocab_size=vocab, hidden_size=d["text_width"], encoder_hidden_size=w, intermediate_size=2 * d["text_width"],
+        num_hidden_layers=d["layers"], num_attention_heads=d["text_heads"], max_position_embeddings=40, initializer_range=0.2,
+        pad_token_id=0, bos_token_id=None, sep_token_id=None, eos_token_id=None), add_pooling_layer=False)
+    state |= {f"blip.text_encoder.{k}": v for k, v in text.state_dict().items()}
+    state["blip.text_encoder.embeddings.position_ids"] = torch.arange(40)[None]  # BLIP saves this buffer
+    state |= {"blip.vision_proj.weight": t(8, w), "blip.vision_proj.bias": t(8), "blip.text_proj.weight": t(8, d["text_width"]),
+              "blip.text_proj.bias": t(8)}
+    head = aesthetic_mlp((d["text_width"], 32, 16, 8, 4, 1))
+    state |= {f"mlp.layers.{k}": v for k, v in head.state_dict().items()}
+    return state
+
+
+def save_tiny_image_reward(root: Path, seed: int = 0) -> tuple[dict, Path]:
+    """(the ImageReward-layout state dict, the folder rewards.image_reward_convert made of it), with
+    ImageReward's preprocessing scaled to the tiny ViT's 32 px."""
+    import json
+
+    from transformers import AutoTokenizer
+
+    from rewards.image_reward_convert import main
+
+    root = Path(root)
+    tokenizer = tiny_bert_tokenizer_folder(root / "bert")
+    vocab = len(AutoTokenizer.from_pretrained(tokenizer)) + 2  # + [DEC], [ENC], as in ImageReward's 30522 + 2
+    state = random_image_reward_state(vocab, seed)
+    torch.save(state, root / "ImageReward.pt")
+    out = root / "image_reward"
+    main([str(root / "ImageReward.pt"), "--tokenizer", str(tokenizer), "--out", str(out),
+          "--vision-heads", str(IMAGE_REWARD_DIMS["vision_heads"]), "--text-heads", str(IMAGE_REWARD_DIMS["text_heads"])])
+    config = json.loads((out / "preprocessor_config.json").read_text())
+    config["size"], config["crop_size"] = {"shortest_edge": 32}, {"height": 32, "width": 32}
+    (out / "preprocessor_config.json").write_text(json.dumps(config))
+    return state, out
