@@ -103,7 +103,11 @@ def main(argv: list[str]) -> list[dict]:
     images = render_words(args.batch, args.size)
     results = []
     for path in paths:
-        results.append(bench(path, images, args.batches))
+        try:
+            results.append(bench(path, images, args.batches))
+        except (FileNotFoundError, ConnectionError, OSError) as e:
+            # Learned rewards need local weights, remote ones a server: measured only where they exist.
+            results.append({"reward": path.stem, "skipped": f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"})
         print(json.dumps(results[-1]), flush=True)
     return results
 
