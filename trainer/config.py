@@ -285,6 +285,10 @@ def validate(cfg: TrainConfig, world_size: int) -> None:
             rule_from(name, rule)
         except (ValueError, TypeError) as e:
             p.append(str(e))
+    pairwise = sorted(n for n, r in cfg.rewards.items() if isinstance(r, dict) and str(r.get("_target_", "")).endswith("WinRate"))
+    if pairwise and (total // world_size) % a.group_size:
+        p.append(f"rewards {pairwise} compare samples within a group, so each rank must hold whole groups: "
+                 f"data.prompts_per_step ({d.prompts_per_step}) must be divisible by world_size ({world_size})")
     unknown_gold = sorted(set(cfg.monitor.gold or []) - set(cfg.eval_rewards))
     if unknown_gold:
         p.append(f"monitor.gold names {unknown_gold} that are not in eval_rewards ({sorted(cfg.eval_rewards)}); "

@@ -39,7 +39,7 @@ def evaluate(
     first_total = None
     per_reward = {}
     for ensemble in ensembles:
-        result = ensemble(images, local_prompts)
+        result = ensemble(images, local_prompts, [{"prompt_id": int(i), "sample_id": 0} for i in ids])
         first_total = result.total if first_total is None else first_total
         per_reward.update(result.per_reward)
         values.update({f"eval/{name}": r for name, r in result.per_reward.items()})

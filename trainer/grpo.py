@@ -225,7 +225,8 @@ def train(
 
         # --- rewards and advantages (groups may span ranks: gathered inside)
         local_prompts = [prompts[int(p)] for p in pids]
-        scored = rewards(images, local_prompts)
+        meta = [{"prompt_id": int(p), "sample_id": int(s)} for p, s in zip(pids, sids)]
+        scored = rewards(images, local_prompts, meta)
         # A non-finite reward would poison every advantage of its group: skip this update on all ranks.
         reward_ok = not _any_nonfinite(scored.total)
         if reward_ok:

@@ -108,7 +108,8 @@ def test_every_reward_config_scores_a_batch(path, specs, endpoints):
     reward = build(spec)
     assert reward.input_kind == "pixels" and isinstance(reward.differentiable, bool)
     images = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
-    out = reward(images, PROMPTS.get(spec["_target_"], GENERIC))
+    # The metadata the trainer passes: both samples of one prompt's group (win-rate rewards need it).
+    out = reward(images, PROMPTS.get(spec["_target_"], GENERIC), [{"prompt_id": 0, "sample_id": i} for i in range(2)])
     scores = out["reward"] if isinstance(out, dict) else out
     assert torch.is_tensor(scores) and scores.shape == (2,) and scores.dtype == torch.float32, scores
     assert torch.isfinite(scores).all(), scores
