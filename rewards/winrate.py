@@ -42,7 +42,8 @@ class WinRate:
 
     Groups come from ``metadata[i]["prompt_id"]`` (the trainer passes it); every group must be whole
     in the batch (trainer/config.py checks that groups do not span ranks when a win-rate reward is
-    configured). Components: "win_rate" (= reward) and "pref_margin" (mean |P - 0.5| over pairs: how
+    configured). A sample alone with its prompt (evaluation draws one per prompt) scores NaN, which
+    the metrics skip. Components: "win_rate" (= reward) and "pref_margin" (mean |P - 0.5| over pairs: how
     decided the judge is; near 0 means the comparisons carry little signal).
     """
 
@@ -64,7 +65,7 @@ class WinRate:
         for pid in ids.unique().tolist():
             idx = (ids == pid).nonzero().flatten()
             if len(idx) < 2:
-                raise ValueError(f"prompt id {pid} has {len(idx)} sample(s) in this batch: a win rate needs its whole group")
+                continue  # nothing to compare with (evaluation draws one sample per prompt): NaN, not logged
             p = self.judge.preference(images[idx], prompts[int(idx[0])]).float()
             off = ~torch.eye(len(idx), dtype=torch.bool)
             win[idx] = (p * off).sum(1) / (len(idx) - 1)

@@ -45,12 +45,12 @@ def test_win_rates_by_hand_per_group():
     torch.testing.assert_close(pref.preference(_images([0.0, 1.0]), "a"), torch.tensor([[0.5, _sig(-1)], [_sig(1), 0.5]]))
 
 
-def test_win_rate_needs_group_ids_and_whole_groups():
+def test_win_rate_needs_group_ids_and_is_undefined_alone():
     reward = WinRate({"_target_": "rewards.winrate.ScalarPreference", "reward": {"_target_": "test_winrate.Fixed"}})
     with pytest.raises(ValueError, match="prompt_id"):
         reward(_images([0.1, 0.2]), ["a", "a"])
-    with pytest.raises(ValueError, match="whole group"):
-        reward(_images([0.1, 0.2]), ["a", "b"], [{"prompt_id": 0}, {"prompt_id": 1}])
+    alone = reward(_images([0.1, 0.2]), ["a", "b"], [{"prompt_id": 0}, {"prompt_id": 1}])
+    assert torch.isnan(alone["reward"]).all()  # nothing to compare with (evaluation's one sample per prompt)
 
 
 def test_groups_must_not_span_ranks_when_a_win_rate_is_trained():
