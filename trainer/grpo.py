@@ -96,7 +96,9 @@ def summarize(run_dir: Path, steps: int) -> dict:
     after its final checkpoint) gets the same summary as an uninterrupted one.
     """
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    evals = {r["step"]: {k: v for k, v in r.items() if k.startswith("eval/")} for r in rows if "eval/num_prompts" in r}
+    # metrics.jsonl writes NaN/inf as strings (JSON has none): back to floats here.
+    evals = {r["step"]: {k: float(v) if isinstance(v, str) else v for k, v in r.items() if k.startswith("eval/")}
+             for r in rows if "eval/num_prompts" in r}
     return {"run_dir": str(run_dir), "eval_before": evals.get(0, {}), "eval_after": evals.get(steps, {}), "steps": steps}
 
 
