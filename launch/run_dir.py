@@ -9,6 +9,7 @@ from pathlib import Path
 INFRA_PREFIXES = (
     "run_dir", "logger", "train.progress", "train.num_threads", "train.device", "hydra", "exp_name", "train.resume",
     "train.save_every", "train.keep_last", "train.max_consecutive_skips", "train.requeue", "train.grid_every",
+    "train.overlap_rewards",
 )
 
 

@@ -1,7 +1,7 @@
 """Several named rewards, weighted and summed; every component is reported separately."""
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
@@ -16,6 +16,20 @@ class RewardResult:
     total: torch.Tensor
     per_reward: dict[str, torch.Tensor]
     components: dict[str, torch.Tensor]
+
+    @staticmethod
+    def cat(parts: list["RewardResult"]) -> "RewardResult":
+        """Concatenate the results of consecutive chunks; a component missing from a chunk is NaN there."""
+        def column(get, key):
+            return torch.cat([get(p).get(key, torch.full((len(p.total),), float("nan"))) for p in parts])
+
+        names = list(dict.fromkeys(k for p in parts for k in p.per_reward))
+        comps = list(dict.fromkeys(k for p in parts for k in p.components))
+        return RewardResult(
+            total=torch.cat([p.total for p in parts]),
+            per_reward={k: column(lambda p: p.per_reward, k) for k in names},
+            components={k: column(lambda p: p.components, k) for k in comps},
+        )
 
 
 class RewardEnsemble:
@@ -42,6 +56,20 @@ class RewardEnsemble:
             except Exception as e:
                 raise RuntimeError(f"could not build reward {name!r} from {spec}: {e}") from e
         self._pool = ThreadPoolExecutor(max_workers=max(1, len(self.rewards)), thread_name_prefix="reward")
+        # One thread scores submitted chunks in order while the caller keeps sampling (submit()).
+        self._chunks = ThreadPoolExecutor(max_workers=1, thread_name_prefix="reward-chunks")
+
+    @property
+    def chunkable(self) -> bool:
+        """Whether scoring chunk by chunk equals scoring the whole batch (no reward compares samples)."""
+        return not any(getattr(r, "needs_whole_groups", False) for r in self.rewards.values())
+
+    def submit(self, images: torch.Tensor, prompts: list[str], metadata: list[dict] | None = None) -> Future:
+        """Score in the background (a Future of RewardResult): rollout of the next chunk overlaps this one.
+
+        A failure surfaces from ``future.result()`` as the same RuntimeError naming the reward.
+        """
+        return self._chunks.submit(self, images.detach().cpu().clone(), list(prompts), metadata)
 
     def __call__(self, images: torch.Tensor, prompts: list[str], metadata: list[dict] | None = None) -> RewardResult:
         images = images.detach().float().cpu()

@@ -88,6 +88,7 @@ class TrainLoopConfig:
     eval_every: int = 0  # 0 = only before and after
     eval_batch: int = 32
     save_every: int = 0  # 0 = only at the end (and when a stop signal arrives)
+    overlap_rewards: bool = True  # score each rollout chunk in a background thread while the next one samples
     keep_last: int = 2  # complete checkpoints kept (0 = all); older ones are pruned after a new one is complete
     resume: str = "auto"  # "auto": continue from the newest complete checkpoint | "fresh": move the old run aside | a checkpoint folder
     requeue: bool = True  # under SLURM, requeue the job after saving on SIGUSR1/SIGUSR2 (time limit ahead)

@@ -19,7 +19,7 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from tqdm import tqdm
 
-from rewards.ensemble import RewardEnsemble
+from rewards.ensemble import RewardEnsemble, RewardResult
 from samplers.base import Sampler
 from trainer.advantages import distributed_advantages
 from trainer.checkpoint import (
@@ -129,6 +129,11 @@ def train(
         eval_prompts = eval_prompts[: cfg.data.eval_size]
     rewards = RewardEnsemble(cfg.rewards)
     aggregator = instantiate(cfg.aggregate)
+    # Scoring chunk by chunk equals scoring the batch unless a reward compares samples (a win rate).
+    overlap_rewards = tcfg.overlap_rewards and rewards.chunkable
+    if tcfg.overlap_rewards and not overlap_rewards and world.is_main:
+        print("train.overlap_rewards is off for this run: a reward compares samples within a group, so the "
+              "whole batch is scored after the rollout", flush=True)
     monitor = None
     if cfg.monitor.enabled:
         trained = [n for n, wt in rewards.weights.items() if wt != 0 and n not in rewards.regularizers]
@@ -218,17 +223,27 @@ def train(
         own = slice(world.rank * n_local, (world.rank + 1) * n_local)
         pids, sids = global_pids[own], global_sids[own]
 
-        # --- rollout
+        local_prompts = [prompts[int(p)] for p in pids]
+        meta = [{"prompt_id": int(p), "sample_id": int(s)} for p, s in zip(pids, sids)]
+        futures = []
+
+        def score_chunk(start: int, chunk_images: torch.Tensor) -> None:
+            end = start + len(chunk_images)
+            futures.append(rewards.submit(chunk_images, local_prompts[start:end], meta[start:end]))
+
+        # --- rollout (with train.overlap_rewards, each chunk is scored while the next one samples)
         chunks, images = rollout_chunks(
             policy, sampler, prompts, pids, sids, (cfg.seed, STREAM_ROLLOUT, step), sampler.num_steps,
             sampler.guidance_scale, tcfg.micro_batch, h, w, iteration=step,
+            on_chunk=score_chunk if overlap_rewards else None,
         )
         t_rollout = time.time()
 
         # --- rewards and advantages (groups may span ranks: gathered inside)
-        local_prompts = [prompts[int(p)] for p in pids]
-        meta = [{"prompt_id": int(p), "sample_id": int(s)} for p, s in zip(pids, sids)]
-        scored = rewards(images, local_prompts, meta)
+        if futures:
+            scored = RewardResult.cat([f.result() for f in futures])
+        else:
+            scored = rewards(images, local_prompts, meta)
         # A non-finite reward would poison every advantage of its group: skip this update on all ranks.
         reward_ok = not _any_nonfinite(scored.total)
         if reward_ok:

@@ -28,7 +28,7 @@ from trainer.distributed import World, barrier
 DRIFT_FREE = (
     "run_dir", "exp_name", "logger.", "train.progress", "train.num_threads", "train.device", "train.resume",
     "train.save_every", "train.keep_last", "train.max_consecutive_skips", "train.requeue", "train.grid_every",
-    "train.steps", "train.eval_every",
+    "train.steps", "train.eval_every", "train.overlap_rewards",
 )
 
 

@@ -14,7 +14,7 @@ SAMPLER_STATE_KEY = "sampler"
 def rollout_chunks(
     policy, sampler, prompts: list[str], prompt_ids: torch.Tensor, sample_ids: torch.Tensor, seed_parts: tuple[int, ...],
     num_steps: int, guidance_scale: float, micro_batch: int, height: int, width: int, iteration: int = 0,
-    x0: torch.Tensor | None = None,
+    x0: torch.Tensor | None = None, on_chunk=None,
 ) -> tuple[list[Trajectory], torch.Tensor]:
     """Roll out every sample, ``micro_batch`` at a time.
 
@@ -27,6 +27,8 @@ def rollout_chunks(
     Args:
       x0: [N, *L] clean latents, one per sample, for a sampler with start_step > 0 (a partial chain
         from x0 forward-noised to sigmas[start_step] with the sample's own initial noise).
+      on_chunk: called as ``on_chunk(start, images [b, 3, H, W])`` as soon as each chunk is decoded
+        (the trainer starts scoring it while the next chunk samples).
     Returns (trajectories, one per chunk, on the policy device; images [N, 3, H, W] in [0, 1] on CPU).
     """
     sigmas = policy.sigmas(num_steps)
@@ -49,6 +51,8 @@ def rollout_chunks(
         )
         chunks.append(traj)
         images.append(policy.decode(traj.final).cpu())
+        if on_chunk is not None:
+            on_chunk(start, images[-1])
     return chunks, torch.cat(images)
 
 

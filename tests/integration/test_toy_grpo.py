@@ -75,3 +75,11 @@ def test_zero3_checkpoint_holds_the_full_trainable_weights(tmp_path):
     train(tmp_path, "train.steps=1", "deepspeed=zero3")
     state = load_file(str(tmp_path / "checkpoints" / "step_000001" / "policy.safetensors"))
     assert state and min(v.numel() for v in state.values()) > 0
+
+
+def test_rewards_overlapped_with_sampling_give_the_same_run(tmp_path):
+    """Chunks scored in the background while the next one samples (the default) change nothing."""
+    on = step_rows(train(tmp_path / "on", "train.steps=1"))
+    off = step_rows(train(tmp_path / "off", "train.steps=1", "train.overlap_rewards=false"))
+    strip = lambda r: {k: v for k, v in r.items() if not k.startswith(("time/", "throughput/"))}  # noqa: E731
+    assert [strip(r) for r in on] == [strip(r) for r in off]
