@@ -105,6 +105,12 @@ class Sampler(Protocol):
     start_step: int  # partial chains start at sigmas[start_step] (0 = from pure noise)
     needs_step_rewards: bool  # True when calibrate() wants per-step reward gains each iteration
 
+    @classmethod
+    def problems(cls, knobs: dict) -> list[str]:
+        """Every rule the knobs (the sampler's config as a dict, without _target_) break; checked by
+        trainer/config.validate before anything is built."""
+        ...
+
     def plan(self, sigmas: torch.Tensor, iteration: int = 0, generator: torch.Generator | None = None) -> Plan: ...
 
     def rollout(

@@ -237,6 +237,8 @@ class ChainSampler:
             raise ValueError(f"step {j} was deterministic in this trajectory; only stochastic steps have a log-prob")
         x = traj.latents[:, j]
         out = predict_fn(x, traj.sigmas[:, j], cond).float()
+        # The rollout passed this step's eta as a Python float read from the same fp32 value; reading it
+        # back here (one scalar, a device sync on GPU like the check above) keeps the arithmetic identical.
         mean, std = self._transition(x, out, traj.sigmas, j, float(traj.noise_levels[0, j]))
         return gaussian_log_prob(traj.latents[:, j + 1], mean, std, self.log_prob_reduction), mean, std
 

