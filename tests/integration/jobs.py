@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -16,6 +17,24 @@ SMALL = [
     # eval_batch 8 = the per-rank share with 2 processes: equal chunk shapes give bitwise equal samples.
     "logger=none", "train.progress=false", "train.num_threads=1", "train.eval_batch=8",
 ]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Torchrun:
+    """``torchrun --nproc_per_node N -m launch.train`` on a port chosen anew each time the command is
+    unpacked (``[*TORCHRUN, ...]``): fixed ports collide when two test sessions share a machine."""
+
+    def __init__(self, nproc: int = 2):
+        self.nproc = nproc
+
+    def __iter__(self):
+        return iter([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(self.nproc),
+                     "--master_port", str(free_port()), "-m", "launch.train"])
 
 
 def job_env(threads: int = 1, **extra: str) -> dict[str, str]:

@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from jobs import step_rows, train
+from jobs import Torchrun, free_port, step_rows, train
 
 DEEPSPEED = Path(sys.executable).parent / "deepspeed"
-TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29611", "-m", "launch.train"]
+TORCHRUN = Torchrun(2)
 
 
 def test_two_processes_match_one(tmp_path):
@@ -31,7 +31,7 @@ def test_two_processes_match_one(tmp_path):
 
 @pytest.mark.skipif(not DEEPSPEED.exists(), reason="the deepspeed launcher is not installed beside this python")
 def test_deepspeed_launcher_runs_the_same_job(tmp_path):
-    launcher = [str(DEEPSPEED), "--num_gpus", "2", "--master_port", "29612", "launch/train.py"]
+    launcher = [str(DEEPSPEED), "--num_gpus", "2", "--master_port", str(free_port()), "launch/train.py"]
     rows = step_rows(train(tmp_path, "train.steps=1", launcher=launcher))
     assert rows[0]["train/onpolicy_log_ratio_max"] == 0.0
     assert (tmp_path / "checkpoints" / "step_000001" / "policy.safetensors").is_file()

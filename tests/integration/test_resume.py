@@ -18,13 +18,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from jobs import ROOT, SMALL, job_env, run
+from jobs import ROOT, SMALL, Torchrun, job_env, run
 from trainer.checkpoint import COMPLETE_FILE, complete_checkpoints, is_complete
 from trainer.preemption import EXIT_PREEMPTED
 
 TRAIN = [sys.executable, "-m", "launch.train"]
-TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29631",
-            "-m", "launch.train"]
+TORCHRUN = Torchrun(2)
 STEPS = ["train.steps=4", "train.save_every=1", "train.keep_last=2"]
 HERE = str(Path(__file__).parent)
 
@@ -86,7 +85,7 @@ def test_killed_at_every_checkpoint_phase_and_resumed_twice_equals_uninterrupted
     result equals the uninterrupted run bit for bit."""
     for fault in ("checkpoint.after_engine@2", "checkpoint.before_marker@3", "checkpoint.prune@3",
                   "checkpoint.before_rename@4"):
-        proc = launch(tmp_path, fault=fault, expect=-signal.SIGKILL)
+        launch(tmp_path, fault=fault, expect=-signal.SIGKILL)
         assert_no_fake_complete(tmp_path)
     out = launch(tmp_path).stdout
     assert "resuming" in out and "removed an interrupted checkpoint write" in out

@@ -2,14 +2,12 @@
 window included), and a calibrated noise table comes back exactly after a resume."""
 from __future__ import annotations
 
-import sys
 
 import pytest
 
-from jobs import step_rows, train
+from jobs import Torchrun, step_rows, train
 
-TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29641", "-m",
-            "launch.train"]
+TORCHRUN = Torchrun(2)
 FAST = ["data.eval_size=8"]
 
 
