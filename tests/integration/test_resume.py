@@ -125,9 +125,8 @@ def test_random_sigkills_and_an_external_sigterm_never_break_the_run(reference, 
 def test_nan_reward_leaves_weights_and_optimizer_untouched(tmp_path):
     """A NaN reward at step 2 skips that update on all ranks: the state after step 2 equals the state
     after step 1. K consecutive NaN steps abort with a message naming the cause."""
-    nan = ["+rewards.bad._target_=faulty_reward.NaNOnCalls", "+rewards.bad.batch_size=16", "+rewards.bad.weight=0.5",
-           "data.eval_size=8"]  # eval batches hold 8 images, training batches 16
-    launch(tmp_path / "run", *nan, "+rewards.bad.calls=[2]", "train.steps=3", "train.keep_last=0")
+    nan = ["+rewards.bad._target_=faulty_reward.NaNOnCalls", "+rewards.bad.weight=0.5"]
+    launch(tmp_path / "run", *nan, "+rewards.bad.calls=[3]", "train.steps=3", "train.keep_last=0")  # call 3: step 2
     rows = {r["step"]: r for r in metrics(tmp_path / "run") if "train/skipped_updates" in r}
     assert [rows[s]["train/skipped_updates"] for s in (1, 2, 3)] == [0, 1, 0]
     s1, s2 = engine_state(tmp_path / "run", 1), engine_state(tmp_path / "run", 2)
@@ -155,10 +154,10 @@ def _equal(a, b) -> bool:
 
 
 def test_reward_state_is_restored_on_resume(tmp_path):
-    """A reward with state (here: a call counter that places a NaN at its 3rd training call) behaves the
+    """A reward with state (here: a call counter that places a NaN at its 5th training call) behaves the
     same after a resume as without one."""
-    nan = ["+rewards.bad._target_=faulty_reward.NaNOnCalls", "+rewards.bad.batch_size=16", "+rewards.bad.weight=0.5",
-           "+rewards.bad.calls=[3]", "data.eval_size=8"]
+    nan = ["+rewards.bad._target_=faulty_reward.NaNOnCalls", "+rewards.bad.weight=0.5",
+           "+rewards.bad.calls=[5]"]  # call 5: the first chunk of step 3
     launch(tmp_path / "ref", *nan)
     launch(tmp_path / "cut", *nan, fault="train.mid_update@2:TERM", expect=EXIT_PREEMPTED)
     launch(tmp_path / "cut", *nan)
