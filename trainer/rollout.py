@@ -67,9 +67,10 @@ def step_reward_gains(policy, rewards, chunks: list[Trajectory], prompts: list[s
     out = []
     for traj in chunks:
         local = [prompts[int(p)] for p in traj.prompt_ids]
+        meta = [{"prompt_id": int(p), "sample_id": int(s)} for p, s in zip(traj.prompt_ids, traj.sample_ids)]
         clean = torch.cat([traj.pred_x0, traj.latents[:, -1:]], 1)  # [B, S+1, *L]
         steps = traj.stochastic[0].nonzero().flatten().tolist()
-        score = {j: rewards(policy.decode(clean[:, j]), local).total for j in sorted({*steps, *(j + 1 for j in steps)})}
+        score = {j: rewards(policy.decode(clean[:, j]), local, meta).total for j in sorted({*steps, *(j + 1 for j in steps)})}
         gains = torch.full(traj.stochastic.shape, float("nan"))
         for j in steps:
             gains[:, j] = score[j + 1] - score[j]
