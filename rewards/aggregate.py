@@ -10,12 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from trainer.advantages import group_advantages
-
-
-def _group_index(prompt_ids: torch.Tensor) -> tuple[torch.Tensor, int]:
-    uniq, inverse = torch.unique(prompt_ids, return_inverse=True)
-    return inverse, len(uniq)
+from trainer.advantages import group_advantages, group_moments
 
 
 class WeightedSum:
@@ -74,15 +69,12 @@ class UncertaintyWeighted:
         self.temperature, self.eps = temperature, eps
 
     def __call__(self, per_reward, weights, prompt_ids, std_scope="group"):
-        inverse, n_groups = _group_index(prompt_ids)
-        counts = torch.zeros(n_groups).index_add_(0, inverse, torch.ones(len(prompt_ids)))
         total = torch.zeros(len(prompt_ids))
         stats = {}
         for name, r in per_reward.items():
             r = r.float()
-            mean = torch.zeros(n_groups).index_add_(0, inverse, r) / counts
-            var = torch.zeros(n_groups).index_add_(0, inverse, (r - mean[inverse]) ** 2) / counts
-            u = var.sqrt() / (r.std(unbiased=False) + self.eps)
+            _, stds, inverse = group_moments(r, prompt_ids)
+            u = stds / (r.std(unbiased=False) + self.eps)
             c = torch.exp(-self.temperature * u)  # [groups]
             total = total + weights[name] * c[inverse] * r
             stats[f"uncertainty/{name}"] = float(u.mean())

@@ -6,6 +6,20 @@ import torch
 from trainer.distributed import all_gather_cat
 
 
+def group_moments(values: torch.Tensor, prompt_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-group population mean [G] and std [G] of ``values`` [N] (fp32), and each sample's group index [N].
+
+    Groups are the distinct ``prompt_ids`` in sorted order; a group is the whole population of its
+    prompt's samples, hence the population (unbiased=False) std.
+    """
+    values = values.float()
+    uniq, inverse = torch.unique(prompt_ids, return_inverse=True)
+    counts = torch.zeros(len(uniq)).index_add_(0, inverse, torch.ones_like(values))
+    means = torch.zeros(len(uniq)).index_add_(0, inverse, values) / counts
+    var = torch.zeros(len(uniq)).index_add_(0, inverse, (values - means[inverse]) ** 2) / counts
+    return means, var.sqrt(), inverse
+
+
 def group_advantages(rewards: torch.Tensor, prompt_ids: torch.Tensor, std_scope: str = "group", eps: float = 1e-4) -> torch.Tensor:
     """(r - mean of its prompt's group) / std.
 
@@ -17,34 +31,15 @@ def group_advantages(rewards: torch.Tensor, prompt_ids: torch.Tensor, std_scope:
     Returns: [N] fp32.
     """
     rewards = rewards.float()
-    uniq, inverse = torch.unique(prompt_ids, return_inverse=True)
-    counts = torch.zeros(len(uniq)).index_add_(0, inverse, torch.ones_like(rewards))
-    means = torch.zeros(len(uniq)).index_add_(0, inverse, rewards) / counts
+    means, stds, inverse = group_moments(rewards, prompt_ids)
     centered = rewards - means[inverse]
     if std_scope == "group":
-        # Population std within each group (unbiased=False), as a group is the whole population.
-        var = torch.zeros(len(uniq)).index_add_(0, inverse, centered**2) / counts
-        std = var.sqrt()[inverse]
+        std = stds[inverse]
     elif std_scope == "global":
         std = rewards.std(unbiased=False).expand_as(rewards)
     else:
         raise ValueError(f"std_scope must be 'group' or 'global', got {std_scope!r}")
     return centered / (std + eps)
-
-
-def distributed_group_advantages(
-    rewards: torch.Tensor, prompt_ids: torch.Tensor, rank: int, std_scope: str = "group"
-) -> torch.Tensor:
-    """Advantages for this rank's samples when a prompt's group may span ranks.
-
-    Every rank gathers all rewards and prompt ids (rank order = global sample order), computes the
-    same global advantages, and keeps its own slice. Requires equal sample counts per rank.
-    """
-    all_r = all_gather_cat(rewards.float().cpu())
-    all_p = all_gather_cat(prompt_ids.cpu())
-    adv = group_advantages(all_r, all_p, std_scope)
-    n = rewards.shape[0]
-    return adv[rank * n : (rank + 1) * n].to(rewards.device)
 
 
 def distributed_advantages(
@@ -67,12 +62,8 @@ def distributed_advantages(
     adv, stats = aggregator(trained, weights, all_p, std_scope)
     for name in regularizers:
         if weights[name] != 0:
-            adv = adv + weights[name] * (full[name] - _group_mean(full[name], all_p))
+            means, _, inverse = group_moments(full[name], all_p)
+            adv = adv + weights[name] * (full[name] - means[inverse])
     n = prompt_ids.shape[0]
     return adv[rank * n : (rank + 1) * n].to(prompt_ids.device), stats
 
-
-def _group_mean(r: torch.Tensor, prompt_ids: torch.Tensor) -> torch.Tensor:
-    uniq, inverse = torch.unique(prompt_ids, return_inverse=True)
-    counts = torch.zeros(len(uniq)).index_add_(0, inverse, torch.ones_like(r))
-    return (torch.zeros(len(uniq)).index_add_(0, inverse, r.float()) / counts)[inverse]

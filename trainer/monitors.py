@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from rewards.image_stats import ImageStatistic
+from trainer.advantages import group_moments
 from trainer.config import rule_from
 from trainer.distributed import all_gather_cat, all_reduce_sum
 
@@ -76,11 +77,7 @@ def group_diversity(features: torch.Tensor, prompt_ids: torch.Tensor) -> float:
 
 def group_std(rewards: torch.Tensor, prompt_ids: torch.Tensor) -> float:
     """Mean over prompts of the population std of their samples' rewards."""
-    uniq, inv = torch.unique(prompt_ids, return_inverse=True)
-    cnt = torch.zeros(len(uniq)).index_add_(0, inv, torch.ones(len(inv)))
-    mean = torch.zeros(len(uniq)).index_add_(0, inv, rewards.float()) / cnt
-    var = torch.zeros(len(uniq)).index_add_(0, inv, (rewards.float() - mean[inv]) ** 2) / cnt
-    return float(var.sqrt().mean())
+    return float(group_moments(rewards, prompt_ids)[1].mean())
 
 
 class HackingMonitor:

@@ -9,7 +9,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from trainer.advantages import distributed_group_advantages, group_advantages
+from rewards.aggregate import WeightedSum
+from trainer.advantages import distributed_advantages, group_advantages
 from trainer.distributed import global_nanmean
 
 EPS = 1e-4
@@ -69,9 +70,15 @@ def test_unknown_std_scope_raises():
         group_advantages(REWARDS, PROMPTS, "batch")
 
 
+def _distributed(rewards, prompt_ids, rank, scope):
+    """The trainer's path for one reward: gathered across ranks, weighted sum, this rank's slice."""
+    adv, _ = distributed_advantages({"r": rewards}, {"r": 1.0}, set(), prompt_ids, rank, WeightedSum(), scope)
+    return adv
+
+
 def test_distributed_without_a_process_group_is_the_local_computation():
     assert not dist.is_initialized()
-    adv = distributed_group_advantages(REWARDS, PROMPTS, rank=0)
+    adv = _distributed(REWARDS, PROMPTS, 0, "group")
     torch.testing.assert_close(adv, group_advantages(REWARDS, PROMPTS), rtol=0, atol=0)
 
 
@@ -106,7 +113,7 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
         n = len(GLOBAL_IDS) // WORLD
         own = slice(rank * n, (rank + 1) * n)
         result = {
-            scope: distributed_group_advantages(GLOBAL_REWARDS[own], GLOBAL_IDS[own], rank, scope)
+            scope: _distributed(GLOBAL_REWARDS[own], GLOBAL_IDS[own], rank, scope)
             for scope in ("group", "global")
         }
         result["nanmean"] = global_nanmean(NANMEAN_INPUTS[rank])
