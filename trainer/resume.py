@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -106,7 +107,7 @@ def _universal(ckpt: Path, world: World) -> None:
     out = ckpt / UNIVERSAL_DIR
     if world.is_main and not (out / "latest_universal").is_file():
         tmp = ckpt / (UNIVERSAL_DIR + ".tmp")
-        subprocess.run(["rm", "-rf", str(tmp)], check=True)
+        shutil.rmtree(tmp, ignore_errors=True)
         cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(ckpt / ENGINE_TAG),
                "--output_folder", str(tmp / ENGINE_TAG), "--num_extract_workers", "1", "--num_merge_workers", "1"]
         proc = subprocess.run(cmd, capture_output=True, text=True)
