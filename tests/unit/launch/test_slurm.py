@@ -159,11 +159,13 @@ def test_two_srun_tasks_form_a_process_group(tmp_path):
         """
         import os, sys
         import torch
-        from trainer.distributed import all_reduce_sum, init_distributed
+        from trainer.distributed import all_reduce_sum, init_distributed, shutdown_distributed
         world = init_distributed("cpu", "gloo")
         total = all_reduce_sum(torch.tensor([float(world.rank + 1)]))
         print(world.rank, world.world_size, world.local_rank, world.local_world_size, int(total.item()),
-              os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"])
+              os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"], flush=True)
+        # As the trainer does: exiting with a live gloo group can abort ("terminate called without an active exception").
+        shutdown_distributed()
         """
     )
     # Only the variables srun would set: none from a launcher or a SLURM job the tests may run in.
