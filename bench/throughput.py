@@ -72,7 +72,7 @@ def main(overrides: list[str]) -> dict:
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         dcfg = compose("train", overrides=["train.steps=4", "logger=none", "train.progress=false", "data.eval_size=8", *overrides])
     from trainer.distributed import init_distributed, set_threads
-    from trainer.grpo import train
+    from trainer.loop import train
 
     cfg = OmegaConf.to_object(dcfg)
     world = init_distributed(cfg.train.device, cfg.deepspeed.backend)

@@ -40,7 +40,7 @@ def _main(dcfg: DictConfig) -> None:
     from launch.run_dir import default_run_dir
     from trainer.config import validate
     from trainer.distributed import init_distributed, set_threads, shutdown_distributed
-    from trainer.grpo import train
+    from trainer.loop import train
     from trainer.preemption import EXIT_PREEMPTED, Preempted, StopRequests
     from trainer.resume import prepare_resume
 

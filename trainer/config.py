@@ -6,6 +6,8 @@ of the wrong type fails at compose time with Hydra's message naming the key. Par
 """
 from __future__ import annotations
 
+import importlib
+import pkgutil
 from dataclasses import asdict, dataclass, field
 from typing import Any, Dict, List, Optional
 
@@ -13,6 +15,9 @@ from pathlib import Path
 
 from hydra.core.config_store import ConfigStore
 from hydra.utils import get_class
+
+import trainer.algorithms as algorithms_pkg
+from trainer.algorithms.base import AlgorithmConfig
 from omegaconf import MISSING, OmegaConf
 
 
@@ -53,22 +58,6 @@ class SDESamplerConfig(SamplerConfig):
     calibration_bounds: Optional[List[float]] = None
     reward_guidance: Optional[Any] = None  # a differentiable reward of clean latents (_target_)
     reward_guidance_scale: float = 0.0
-
-
-@dataclass
-class GRPOConfig:
-    """Flow-GRPO (Liu et al. 2025): group-relative advantages, clipped ratio per step, KL to reference."""
-
-    name: str = "grpo"
-    group_size: int = 8  # samples per prompt (G)
-    std_scope: str = "group"  # "group": per-prompt std; "global": std over the whole batch
-    adv_clip: float = 5.0
-    clip_range: float = 1e-4
-    kl_beta: float = 0.04
-    timestep_fraction: float = 1.0  # share of stochastic steps trained per sample
-    inner_epochs: int = 1
-    optimizer_steps_per_epoch: int = 1  # chunks are split evenly between this many optimizer steps
-    max_grad_norm: float = 1.0
 
 
 @dataclass
@@ -168,7 +157,7 @@ class TrainConfig:
     run_dir: Optional[str] = None  # default: runs/<exp_name>-<hash of result-changing overrides>
     model: Any = MISSING
     sampler: SamplerConfig = field(default_factory=SamplerConfig)  # conf/sampler/<name>.yaml picks the schema
-    algorithm: GRPOConfig = field(default_factory=GRPOConfig)
+    algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)  # conf/algorithm/<name>.yaml picks the schema
     optimizer: Any = MISSING
     scheduler: Any = None  # torch LR scheduler over the optimizer (_partial_: true), e.g. scheduler=warmup
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
@@ -191,6 +180,9 @@ def register() -> None:
     # Referenced from the defaults list of each conf/sampler/<name>.yaml.
     cs.store(group="sampler", name="schema_ode", node=SamplerConfig)
     cs.store(group="sampler", name="schema_sde", node=SDESamplerConfig)
+    # Each algorithm module's SCHEMAS, referenced from the defaults list of conf/algorithm/<name>.yaml.
+    for name, node in algorithm_schemas().items():
+        cs.store(group="algorithm", name=name, node=node)
     if not OmegaConf.has_resolver("sf.root"):
         OmegaConf.register_new_resolver("sf.root", lambda: str(ROOT))
 
@@ -203,18 +195,29 @@ class ConfigError(ValueError):
         super().__init__("invalid config:\n  - " + "\n  - ".join(problems))
 
 
-def _sampler_problems(s: SamplerConfig) -> list[str]:
-    """The sampler's own knob rules (asked of its class, without building it) plus what GRPO needs of it."""
+def algorithm_schemas() -> dict[str, type]:
+    """``schema_<name>`` -> config dataclass, from ``SCHEMAS`` of every module in trainer/algorithms/."""
+    schemas: dict[str, type] = {}
+    for info in pkgutil.iter_modules(algorithms_pkg.__path__):
+        schemas.update(getattr(importlib.import_module(f"trainer.algorithms.{info.name}"), "SCHEMAS", {}))
+    return schemas
+
+
+def _sampler_problems(s: SamplerConfig, needs_log_probs: bool) -> list[str]:
+    """The sampler's own knob rules (asked of its class, without building it) plus what the algorithm needs of it."""
     try:
         sampler_cls = get_class(s._target_)
     except Exception as e:  # noqa: BLE001 - Hydra raises several types for a bad path; report any of them
         return [f"sampler._target_ ({s._target_!r}) cannot be imported: {e}"]
     p = list(sampler_cls.problems({k: v for k, v in asdict(s).items() if k != "_target_"}))
     if not hasattr(s, "noise_level"):
-        return p + [f"sampler ({s._target_}) is deterministic: GRPO trains the log-probs of stochastic steps; pick "
-                    "sampler=flow_sde, dance_sde, cps or ddim"]
-    if s.noise_level == 0:
-        p.append(f"sampler.noise_level ({s.noise_level}) must be > 0 for GRPO: with no noise there is no log-prob to train")
+        if not needs_log_probs:
+            return p
+        return p + [f"sampler ({s._target_}) is deterministic: this algorithm trains the log-probs of stochastic "
+                    "steps; pick sampler=flow_sde, dance_sde, cps or ddim"]
+    if s.noise_level == 0 and needs_log_probs:
+        p.append(f"sampler.noise_level ({s.noise_level}) must be > 0 for this algorithm: with no noise there is no "
+                 "log-prob to train")
     if s.noise_schedule == "table" and s.noise_table is not None and len(s.noise_table) != s.num_steps:
         p.append(f"sampler.noise_table has {len(s.noise_table)} entries; it needs one per step (sampler.num_steps="
                  f"{s.num_steps})")
@@ -247,13 +250,17 @@ def validate(cfg: TrainConfig, world_size: int) -> None:
         )
     if a.group_size < 2:
         p.append(f"algorithm.group_size ({a.group_size}) must be >= 2: a group of one has no relative advantage")
-    if not 0 < a.timestep_fraction <= 1:
-        p.append(f"algorithm.timestep_fraction ({a.timestep_fraction}) must be in (0, 1]")
-    if a.std_scope not in ("group", "global"):
-        p.append(f"algorithm.std_scope ({a.std_scope!r}) must be 'group' or 'global'")
-    p.extend(_sampler_problems(s))
-    if a.name != "grpo":
-        p.append(f"algorithm.name ({a.name!r}): this build trains 'grpo' only")
+    try:
+        algorithm_cls = get_class(a._target_)
+    except Exception as e:  # noqa: BLE001 - Hydra raises several types for a bad path; report any of them
+        p.append(f"algorithm._target_ ({a._target_!r}) cannot be imported: {e}")
+    else:
+        if not isinstance(a, algorithm_cls.Config):
+            p.append(f"algorithm ({a._target_}) needs its own schema ({algorithm_cls.Config.__name__}): pick it with "
+                     "algorithm=<name>, not by overriding algorithm._target_")
+        else:
+            p.extend(algorithm_cls.problems(a, cfg, world_size))
+        p.extend(_sampler_problems(s, algorithm_cls.needs_log_probs))
     shared = sorted(set(cfg.rewards) & set(cfg.eval_rewards))
     if shared:
         p.append(f"rewards and eval_rewards share the name(s) {shared}: their eval/<name> metrics would collide; rename one")

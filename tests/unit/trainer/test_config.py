@@ -283,8 +283,15 @@ def test_optimizer_steps_must_split_the_micro_batches_evenly():
         validate(cfg, 4)  # 1 micro-batch per rank cannot make 2 optimizer steps
 
 
-def test_unknown_algorithm_name_and_colliding_reward_names_are_reported():
+def test_unknown_algorithm_target_and_colliding_reward_names_are_reported():
     with pytest.raises(ConfigError) as info:
-        validate(_typed(["algorithm.name=dpo", "+reward@eval_rewards.jpeg=jpeg_compressibility"]), 1)
+        validate(_typed(["algorithm._target_=trainer.algorithms.nope.Nope", "+reward@eval_rewards.jpeg=jpeg_compressibility"]), 1)
     msg = str(info.value)
-    assert "algorithm.name ('dpo')" in msg and "share the name(s) ['jpeg']" in msg
+    assert "algorithm._target_ ('trainer.algorithms.nope.Nope') cannot be imported" in msg
+    assert "share the name(s) ['jpeg']" in msg
+
+
+def test_algorithm_knobs_are_typed_per_algorithm():
+    """An algorithm's schema is its own: a knob of another algorithm is a compose-time error, not ignored."""
+    with pytest.raises(Exception, match="clip_rang"):
+        _typed(["algorithm.clip_rang=0.1"])

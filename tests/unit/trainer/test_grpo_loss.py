@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from trainer.grpo import grpo_loss
+from trainer.algorithms.grpo import grpo_loss
 
 CLIP = 0.2
 # B = 3 samples:

@@ -1,10 +1,9 @@
-"""GRPO for flow-matching generators (Flow-GRPO, Liu et al. 2025), read top to bottom.
+"""The training loop every algorithm shares, read top to bottom.
 
 One iteration, on every rank of one process group:
-  draw prompts -> roll out G samples each (SDE) -> score -> group-relative advantages (gathered
-  across ranks by prompt id) -> for each chunk and trained step: recompute the log-prob on the stored
-  trajectory, clipped ratio loss + KL to the reference -> DeepSpeed backward/step -> log, evaluate,
-  checkpoint.
+  draw prompts -> roll out G samples each -> score (overlapped with sampling) -> the algorithm's
+  update (trainer/algorithms/: advantages, losses, DeepSpeed backward/step through ctx.backward)
+  -> log, watch for reward hacking, evaluate, checkpoint, honour stop signals.
 """
 from __future__ import annotations
 
@@ -15,15 +14,15 @@ from dataclasses import asdict
 from pathlib import Path
 
 import torch
-from hydra.utils import instantiate
+from hydra.utils import get_class, instantiate
 from omegaconf import OmegaConf
 from tqdm import tqdm
 
 from rewards.ensemble import RewardEnsemble, RewardResult
 from samplers.base import Sampler
-from trainer.advantages import distributed_advantages
+from trainer.algorithms.base import Algorithm, Batch, Context, Stepper
 from trainer.checkpoint import (
-    ENGINE_TAG, REWARDS_STATE_FILE, fault_point, load_rank_rng, save_checkpoint, set_rng_state,
+    ALGORITHM_STATE_FILE, ENGINE_TAG, REWARDS_STATE_FILE, fault_point, load_rank_rng, save_checkpoint, set_rng_state,
 )
 from trainer.config import TrainConfig
 from trainer.distributed import World, all_reduce_max, global_nanmean
@@ -37,38 +36,6 @@ from trainer.plots import plot_curves
 from trainer.prompts import load_prompts, step_prompt_ids
 from trainer.rng import STREAM_ROLLOUT, STREAM_TRAIN, generator
 from trainer.rollout import SAMPLER_STATE_KEY, rollout_chunks, step_reward_gains
-
-
-def grpo_loss(
-    log_prob: torch.Tensor, old_log_prob: torch.Tensor, advantages: torch.Tensor, clip_range: float,
-    mean: torch.Tensor | None = None, ref_mean: torch.Tensor | None = None, std: torch.Tensor | None = None,
-    kl_beta: float = 0.0,
-) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Clipped-ratio policy loss for one step of a chunk, plus beta * KL to the reference.
-
-    Args:
-      log_prob [B] (with grad), old_log_prob [B] (rollout), advantages [B].
-      mean, ref_mean [B, *L]: transition means under the policy and the reference; std [B] the
-        shared transition std. The KL of two Gaussians with equal std is |mu - mu_ref|^2 / (2 std^2)
-        per element; averaged over elements like the log-prob.
-    Returns: (loss scalar, stats: pg_loss, kl, clip_frac, log_ratio_abs_max — all detached).
-    """
-    log_ratio = log_prob - old_log_prob
-    ratio = torch.exp(log_ratio)
-    unclipped = -advantages * ratio
-    clipped = -advantages * torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range)
-    pg_loss = torch.maximum(unclipped, clipped).mean()
-    kl = torch.zeros((), device=log_prob.device)
-    if kl_beta > 0:
-        kl = (((mean - ref_mean) ** 2).flatten(1).mean(1) / (2 * std**2)).mean()
-    loss = pg_loss + kl_beta * kl
-    stats = {
-        "pg_loss": pg_loss.detach(),
-        "kl": kl.detach(),
-        "clip_frac": ((ratio - 1).abs() > clip_range).float().mean().detach(),
-        "log_ratio_abs_max": log_ratio.abs().max().detach(),
-    }
-    return loss, stats
 
 
 def _reward_values(result) -> dict[str, torch.Tensor]:
@@ -122,7 +89,8 @@ def train(
                          f"data.prompts={cfg.data.prompts!r}; lower it or add prompts")
     # Seeded before the model is built: LoRA's random init draws from the global generator.
     torch.manual_seed(cfg.seed)
-    policy = instantiate(cfg.model, device=str(world.device), needs_reference=algo.kl_beta > 0)
+    algorithm: Algorithm = get_class(algo._target_)(algo)
+    policy = instantiate(cfg.model, device=str(world.device), needs_reference=algorithm.needs_reference())
     sampler: Sampler = instantiate(asdict(cfg.sampler))
     eval_sampler = sampler.evaluation()
     if cfg.data.eval_size:
@@ -147,8 +115,7 @@ def train(
     # Every iteration's plan has this many stochastic steps (windows keep their size as they move),
     # so DeepSpeed's fixed accumulation count holds.
     n_stochastic = sampler.plan(policy.sigmas(sampler.num_steps), 0, generator(cfg.seed, STREAM_ROLLOUT, 0)).num_stochastic
-    n_train_steps = max(1, round(algo.timestep_fraction * n_stochastic))
-    grad_accum = n_chunks // algo.optimizer_steps_per_epoch * n_train_steps
+    grad_accum = algorithm.micro_steps(n_chunks, n_stochastic) // algo.optimizer_steps_per_epoch
     engine, optimizer, guard = build_engine(
         policy, cfg.optimizer, cfg.deepspeed, tcfg.micro_batch, grad_accum, world.world_size, algo.max_grad_norm,
         cfg.scheduler, resume.universal,
@@ -164,6 +131,8 @@ def train(
             set_rng_state(rng)
         if (resume.checkpoint / REWARDS_STATE_FILE).is_file():
             rewards.load_state_dict(torch.load(resume.checkpoint / REWARDS_STATE_FILE, weights_only=False))
+        if (resume.checkpoint / ALGORITHM_STATE_FILE).is_file():
+            algorithm.load_state_dict(torch.load(resume.checkpoint / ALGORITHM_STATE_FILE, weights_only=False))
         sampler.load_state_dict(resume.state.get(SAMPLER_STATE_KEY, {}))
         state.update({k: resume.state[k] for k in state})
         if monitor is not None:
@@ -206,7 +175,8 @@ def train(
                          "monitor": monitor.state_dict() if monitor is not None else {},
                          SAMPLER_STATE_KEY: sampler.state_dict()}
         path = save_checkpoint(
-            engine, policy, run_dir, step, resolved_yaml, world, trainer_state, rewards.state_dict(), tcfg.keep_last
+            engine, policy, run_dir, step, resolved_yaml, world, trainer_state, rewards.state_dict(), tcfg.keep_last,
+            algorithm.state_dict(),
         )
         save_seconds.append(time.time() - t)
         return path
@@ -232,11 +202,12 @@ def train(
             futures.append(rewards.submit(chunk_images, local_prompts[start:end], meta[start:end]))
 
         # --- rollout (with train.overlap_rewards, each chunk is scored while the next one samples)
-        chunks, images = rollout_chunks(
-            policy, sampler, prompts, pids, sids, (cfg.seed, STREAM_ROLLOUT, step), sampler.num_steps,
-            sampler.guidance_scale, tcfg.micro_batch, h, w, iteration=step,
-            on_chunk=score_chunk if overlap_rewards else None,
-        )
+        with algorithm.rollout_weights(policy):
+            chunks, images = rollout_chunks(
+                policy, sampler, prompts, pids, sids, (cfg.seed, STREAM_ROLLOUT, step), sampler.num_steps,
+                sampler.guidance_scale, tcfg.micro_batch, h, w, iteration=step,
+                on_chunk=score_chunk if overlap_rewards else None,
+            )
         t_rollout = time.time()
 
         # --- rewards and advantages (groups may span ranks: gathered inside)
@@ -246,58 +217,19 @@ def train(
             scored = rewards(images, local_prompts, meta)
         # A non-finite reward would poison every advantage of its group: skip this update on all ranks.
         reward_ok = not _any_nonfinite(scored.total)
-        if reward_ok:
-            adv, agg_stats = distributed_advantages(
-                scored.per_reward, rewards.weights, rewards.regularizers, pids, world.rank, aggregator, algo.std_scope
-            )
-            adv = adv.clamp(-algo.adv_clip, algo.adv_clip).to(policy.device)
         t_reward = time.time()
 
-        # --- policy update: optimizer_steps_per_epoch optimizer steps per inner epoch (DeepSpeed
-        # accumulates over chunks x trained steps and steps the optimizer at each boundary).
-        # Chunk order is per rank; which steps a chunk trains is drawn per global chunk index, so 1 and
-        # N processes train the same (sample, step) pairs and a resume on another world size continues alike.
-        g = generator(cfg.seed, STREAM_TRAIN, step, world.rank)
-        step_stats: dict[str, list[torch.Tensor]] = {}  # one value per micro-step
-        onpolicy_dev = torch.zeros(())
-        grad_norms: list[float] = []
-        skipped = 0 if reward_ok else algo.inner_epochs * algo.optimizer_steps_per_epoch
-        for epoch in range(algo.inner_epochs if reward_ok else 0):
-            for ci in torch.randperm(n_chunks, generator=g).tolist():
-                traj = chunks[ci]
-                a = adv[ci * tcfg.micro_batch : (ci + 1) * tcfg.micro_batch]
-                cond = policy.encode([prompts[int(p)] for p in traj.prompt_ids])
-                stochastic = traj.stochastic[0].nonzero().flatten()
-                g_steps = generator(cfg.seed, STREAM_TRAIN, step, epoch, world.rank * n_chunks + ci, 1)
-                for j in stochastic[torch.randperm(len(stochastic), generator=g_steps)[:n_train_steps]].tolist():
-                    ref_mean = None
-                    if algo.kl_beta > 0:
-                        with torch.no_grad(), policy.reference():
-                            _, ref_mean, _ = sampler.log_prob(
-                                lambda x, s, c: policy.predict(x, s, c, sampler.guidance_scale), traj, j, cond
-                            )
-                    log_prob, mean, std = sampler.log_prob(
-                        lambda x, s, c: policy.predict(x, s, c, sampler.guidance_scale), traj, j, cond
-                    )
-                    loss, stats = grpo_loss(
-                        log_prob, traj.log_probs[:, j], a, algo.clip_range, mean, ref_mean, std, algo.kl_beta
-                    )
-                    if not torch.isfinite(loss):
-                        guard.force_skip = True  # finite gradients from a non-finite loss are not trusted either
-                    engine.backward(loss)
-                    fault_point("train.mid_update", step + 1)
-                    if not grad_norms:
-                        # Nothing has been updated before the first optimizer step: the ratio must be exactly 1.
-                        onpolicy_dev = torch.maximum(onpolicy_dev, stats["log_ratio_abs_max"].cpu())
-                    norm, was_skipped = optimizer_step(engine, guard)
-                    if norm is not None:
-                        grad_norms.append(norm)
-                        skipped += was_skipped
-                        state["consecutive_skips"] = state["consecutive_skips"] + 1 if was_skipped else 0
-                    stats["loss"] = loss.detach()
-                    for k, v in stats.items():
-                        if k != "log_ratio_abs_max":
-                            step_stats.setdefault(f"train/{k}", []).append(v.cpu())
+        # --- the algorithm's update: inner epochs x optimizer_steps_per_epoch optimizer steps (DeepSpeed
+        # accumulates micro-steps and steps the optimizer at each boundary, behind the non-finite guard).
+        stepper = Stepper(engine, guard, state, step + 1)
+        algo_metrics: dict[str, float] = {}
+        if reward_ok:
+            batch = Batch(chunks, images, scored, pids, sids, local_prompts, meta)
+            ctx = Context(cfg, policy, sampler, rewards, aggregator, world, prompts, step, stepper)
+            algo_metrics = algorithm.update(batch, ctx)
+            algorithm.after_update(policy)
+        else:
+            stepper.skipped = algo.inner_epochs * algo.optimizer_steps_per_epoch
         t_train = time.time()
 
         metrics = global_nanmean(_reward_values(scored))
@@ -311,15 +243,15 @@ def train(
             share = global_nanmean({f"{j:04d}": rose[:, j] for j in range(rose.shape[1])})
             sampler.calibrate(torch.tensor([share[f"{j:04d}"] for j in range(rose.shape[1])]))
             metrics.update({f"sampler/{k}/{j}": v for k, vs in sampler.state_dict().items() for j, v in enumerate(vs)})
-        if reward_ok:
-            metrics.update({f"train/{k}": v for k, v in agg_stats.items()})  # global already: same on every rank
-        metrics.update(global_nanmean({k: torch.stack(v) for k, v in step_stats.items()}))
-        metrics["train/onpolicy_log_ratio_max"] = float(all_reduce_max(onpolicy_dev.reshape(1))[0])
+        metrics.update(algo_metrics)  # global already: same on every rank
+        metrics.update(global_nanmean({k: torch.stack(v) for k, v in stepper.stats.items()}))
+        metrics["train/onpolicy_log_ratio_max"] = float(all_reduce_max(stepper.onpolicy_dev.reshape(1))[0])
+        grad_norms = stepper.grad_norms
         metrics["train/grad_norm"] = sum(grad_norms) / len(grad_norms) if grad_norms else float("nan")
         if not reward_ok:
-            state["consecutive_skips"] += skipped
-        state["skipped_updates"] += skipped
-        metrics["train/skipped_updates"] = skipped
+            state["consecutive_skips"] += stepper.skipped
+        state["skipped_updates"] += stepper.skipped
+        metrics["train/skipped_updates"] = stepper.skipped
         metrics["train/skipped_updates_total"] = state["skipped_updates"]
         metrics["train/lr"] = optimizer.param_groups[0]["lr"]
         metrics.update({

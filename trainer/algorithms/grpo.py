@@ -1,0 +1,139 @@
+"""Flow-GRPO (Liu et al. 2025): group-relative advantages, a clipped ratio on every trained SDE step,
+KL of the step mean to the frozen reference.
+
+For each chunk and trained step: recompute the log-prob on the stored trajectory with exactly the
+rollout's arithmetic (ratio 1 on-policy), clipped-ratio loss + beta * KL, backward; DeepSpeed steps
+the optimizer every chunks x trained steps / optimizer_steps_per_epoch micro-steps.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from trainer.advantages import distributed_advantages
+from trainer.algorithms.base import Algorithm, AlgorithmConfig, Batch, Context
+
+
+@dataclass
+class GRPOConfig(AlgorithmConfig):
+    """conf/algorithm/grpo.yaml documents each knob."""
+
+    _target_: str = "trainer.algorithms.grpo.GRPO"
+    std_scope: str = "group"  # "group": per-prompt std; "global": std over the whole batch
+    adv_clip: float = 5.0
+    clip_range: float = 1e-4
+    kl_beta: float = 0.04
+    timestep_fraction: float = 1.0  # share of stochastic steps trained per sample
+
+
+SCHEMAS = {"schema_grpo": GRPOConfig}
+
+
+def grpo_loss(
+    log_prob: torch.Tensor, old_log_prob: torch.Tensor, advantages: torch.Tensor, clip_range: float,
+    mean: torch.Tensor | None = None, ref_mean: torch.Tensor | None = None, std: torch.Tensor | None = None,
+    kl_beta: float = 0.0,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Clipped-ratio policy loss for one step of a chunk, plus beta * KL to the reference.
+
+    Args:
+      log_prob [B] (with grad), old_log_prob [B] (rollout), advantages [B].
+      mean, ref_mean [B, *L]: transition means under the policy and the reference; std [B] the
+        shared transition std. The KL of two Gaussians with equal std is |mu - mu_ref|^2 / (2 std^2)
+        per element; averaged over elements like the log-prob.
+    Returns: (loss scalar, stats: pg_loss, kl, clip_frac, log_ratio_abs_max — all detached).
+    """
+    log_ratio = log_prob - old_log_prob
+    ratio = torch.exp(log_ratio)
+    unclipped = -advantages * ratio
+    clipped = -advantages * torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range)
+    pg_loss = torch.maximum(unclipped, clipped).mean()
+    kl = torch.zeros((), device=log_prob.device)
+    if kl_beta > 0:
+        kl = (((mean - ref_mean) ** 2).flatten(1).mean(1) / (2 * std**2)).mean()
+    loss = pg_loss + kl_beta * kl
+    stats = {
+        "pg_loss": pg_loss.detach(),
+        "kl": kl.detach(),
+        "clip_frac": ((ratio - 1).abs() > clip_range).float().mean().detach(),
+        "log_ratio_abs_max": log_ratio.abs().max().detach(),
+    }
+    return loss, stats
+
+
+def check_group_knobs(cfg, problems: list[str]) -> None:
+    """Rules of the advantage knobs shared by the GRPO family."""
+    if cfg.std_scope not in ("group", "global"):
+        problems.append(f"algorithm.std_scope ({cfg.std_scope!r}) must be 'group' or 'global'")
+    if cfg.adv_clip <= 0:
+        problems.append(f"algorithm.adv_clip ({cfg.adv_clip}) must be > 0")
+
+
+class GRPO(Algorithm):
+    """Flow-GRPO. Subclasses change the advantages (per step) or the per-step loss."""
+
+    Config = GRPOConfig
+
+    @classmethod
+    def problems(cls, cfg: GRPOConfig, train_cfg, world_size: int) -> list[str]:
+        p: list[str] = []
+        check_group_knobs(cfg, p)
+        if not 0 < cfg.timestep_fraction <= 1:
+            p.append(f"algorithm.timestep_fraction ({cfg.timestep_fraction}) must be in (0, 1]")
+        if cfg.clip_range <= 0:
+            p.append(f"algorithm.clip_range ({cfg.clip_range}) must be > 0")
+        if cfg.kl_beta < 0:
+            p.append(f"algorithm.kl_beta ({cfg.kl_beta}) must be >= 0")
+        return p
+
+    def needs_reference(self) -> bool:
+        return self.cfg.kl_beta > 0
+
+    def n_train_steps(self, n_stochastic: int) -> int:
+        return max(1, round(self.cfg.timestep_fraction * n_stochastic))
+
+    def micro_steps(self, n_chunks: int, n_stochastic: int) -> int:
+        return n_chunks * self.n_train_steps(n_stochastic)
+
+    def advantages(self, batch: Batch, ctx: Context) -> tuple[torch.Tensor, dict[str, float]]:
+        """[N_local] (or [N_local, S] per step in subclasses) advantages and aggregation stats."""
+        adv, stats = distributed_advantages(
+            batch.scored.per_reward, ctx.rewards.weights, ctx.rewards.regularizers, batch.prompt_ids, ctx.world.rank,
+            ctx.aggregator, self.cfg.std_scope,
+        )
+        return adv.clamp(-self.cfg.adv_clip, self.cfg.adv_clip), stats
+
+    def step_loss(
+        self, log_prob: torch.Tensor, old_log_prob: torch.Tensor, adv: torch.Tensor, mean, ref_mean, std, j: int,
+        traj,
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The loss of step ``j`` of one chunk (subclasses change the ratio)."""
+        return grpo_loss(log_prob, old_log_prob, adv, self.cfg.clip_range, mean, ref_mean, std, self.cfg.kl_beta)
+
+    def update(self, batch: Batch, ctx: Context) -> dict[str, float]:
+        adv, agg_stats = self.advantages(batch, ctx)
+        adv = adv.to(ctx.policy.device)
+        mb = ctx.cfg.train.micro_batch
+        n_chunks = len(batch.chunks)
+        rank = ctx.world.rank
+        for epoch in range(self.cfg.inner_epochs):
+            for ci in ctx.chunk_order(n_chunks):
+                traj = batch.chunks[ci]
+                a = adv[ci * mb : (ci + 1) * mb]
+                cond = ctx.encode(traj)
+                stochastic = traj.stochastic[0].nonzero().flatten()
+                # Which steps a chunk trains is drawn per global chunk index, so 1 and N processes train
+                # the same (sample, step) pairs and a resume on another world size continues alike.
+                g_steps = ctx.generator(epoch, rank * n_chunks + ci, 1)
+                n_train = self.n_train_steps(len(stochastic))
+                for j in stochastic[torch.randperm(len(stochastic), generator=g_steps)[:n_train]].tolist():
+                    ref_mean = None
+                    if self.cfg.kl_beta > 0:
+                        with torch.no_grad(), ctx.policy.reference():
+                            _, ref_mean, _ = ctx.sampler.log_prob(ctx.predict, traj, j, cond)
+                    log_prob, mean, std = ctx.sampler.log_prob(ctx.predict, traj, j, cond)
+                    a_j = a[:, j] if a.dim() == 2 else a
+                    loss, stats = self.step_loss(log_prob, traj.log_probs[:, j], a_j, mean, ref_mean, std, j, traj)
+                    ctx.backward(loss, stats)
+        return {f"train/{k}": v for k, v in agg_stats.items()}
