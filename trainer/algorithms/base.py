@@ -9,9 +9,9 @@ whose typed schema is the class's config dataclass, registered from ``SCHEMAS`` 
 """
 from __future__ import annotations
 
-from contextlib import nullcontext
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Protocol
 
 import torch
 
@@ -126,45 +126,46 @@ class Context:
         return torch.randperm(n_chunks, generator=self._order).tolist()
 
 
-class Algorithm:
-    """Base class: one training method. Subclasses set ``Config`` and implement ``update``."""
+class Algorithm(Protocol):
+    """One training method (a class per algorithm; no shared base implementation to track).
 
-    Config: ClassVar[type] = AlgorithmConfig
+    Built as ``cls(cfg)`` with its typed config; ``Config`` names that dataclass.
+    """
+
+    Config: ClassVar[type]
     # True: trains reverse-process log-probs, so the sampler must draw noise (an SDE or DDIM with eta > 0).
-    needs_log_probs: ClassVar[bool] = True
-
-    def __init__(self, cfg: AlgorithmConfig):
-        self.cfg = cfg
+    needs_log_probs: ClassVar[bool]
 
     @classmethod
     def problems(cls, cfg: AlgorithmConfig, train_cfg: Any, world_size: int) -> list[str]:
-        """Every rule of this algorithm's knobs (and what it needs of the rest of the config) that is broken."""
-        return []
+        """Every broken rule of this algorithm's knobs (and of what it needs from the rest of the config)."""
+        ...
 
     def needs_reference(self) -> bool:
         """Whether the policy must keep its frozen reference (KL, DPO)."""
-        return False
+        ...
 
     def micro_steps(self, n_chunks: int, n_stochastic: int) -> int:
         """Backward calls per inner epoch on one rank; DeepSpeed accumulates micro_steps /
-        optimizer_steps_per_epoch of them per optimizer step. Must not vary between iterations."""
-        return n_chunks
+        optimizer_steps_per_epoch of them per optimizer step. Must be the same every iteration."""
+        ...
 
-    def rollout_weights(self, policy) -> Any:
-        """Context manager under which the rollout samples (e.g. NFT's EMA "old" policy)."""
-        return nullcontext()
+    def rollout_weights(self, policy) -> AbstractContextManager:
+        """Context under which the rollout samples (``contextlib.nullcontext()``, or e.g. NFT's EMA "old" policy)."""
+        ...
 
     def update(self, batch: Batch, ctx: Context) -> dict[str, float]:
-        """All inner epochs of one iteration; returns extra metrics (already global across ranks)."""
-        raise NotImplementedError
+        """All inner epochs of one iteration, each micro-step through ``ctx.backward``; returns extra
+        metrics that are already global (the same on every rank)."""
+        ...
 
     def after_update(self, policy) -> None:
         """Called after every iteration's update (e.g. an EMA step)."""
+        ...
 
     def state_dict(self) -> dict:
-        """What changes over training besides the weights (running baselines, EMA): checkpointed."""
-        return {}
+        """What changes over training besides the weights (running baselines, EMA); checkpointed
+        (algorithm_state.pt) and restored with load_state_dict on resume."""
+        ...
 
-    def load_state_dict(self, state: dict) -> None:
-        if state:
-            raise ValueError(f"{type(self).__name__} has no state, but the checkpoint holds {sorted(state)}")
+    def load_state_dict(self, state: dict) -> None: ...

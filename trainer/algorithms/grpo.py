@@ -7,12 +7,14 @@ the optimizer every chunks x trained steps / optimizer_steps_per_epoch micro-ste
 """
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
 from trainer.advantages import distributed_advantages
-from trainer.algorithms.base import Algorithm, AlgorithmConfig, Batch, Context
+from trainer.algorithms.base import AlgorithmConfig, Batch, Context
 
 
 @dataclass
@@ -70,10 +72,67 @@ def check_group_knobs(cfg, problems: list[str]) -> None:
         problems.append(f"algorithm.adv_clip ({cfg.adv_clip}) must be > 0")
 
 
-class GRPO(Algorithm):
-    """Flow-GRPO. Subclasses change the advantages (per step) or the per-step loss."""
+def n_train_steps(timestep_fraction: float, n_stochastic: int) -> int:
+    """Stochastic steps trained per chunk (at least one)."""
+    return max(1, round(timestep_fraction * n_stochastic))
+
+
+def group_advantages(batch: Batch, ctx: Context, std_scope: str, adv_clip: float) -> tuple[torch.Tensor, dict]:
+    """[N_local] clipped group-relative advantages of the trained rewards (aggregated as configured) and the
+    aggregation stats; groups may span ranks."""
+    adv, stats = distributed_advantages(
+        batch.scored.per_reward, ctx.rewards.weights, ctx.rewards.regularizers, batch.prompt_ids, ctx.world.rank,
+        ctx.aggregator, std_scope,
+    )
+    return adv.clamp(-adv_clip, adv_clip), stats
+
+
+# step_loss(log_prob, old_log_prob, adv_j, mean, ref_mean, std, j, traj) -> (loss, detached stats)
+StepLoss = Callable[..., tuple[torch.Tensor, dict[str, torch.Tensor]]]
+
+
+def ratio_updates(
+    batch: Batch, ctx: Context, adv: torch.Tensor, inner_epochs: int, timestep_fraction: float, kl_beta: float,
+    step_loss: StepLoss,
+) -> None:
+    """The reverse-process update shared by the GRPO family: for each inner epoch, chunk (in this
+    rank's drawn order) and trained stochastic step j, recompute the step's log-prob on the stored
+    trajectory (and the reference's mean when kl_beta > 0) and backward ``step_loss``.
+
+    adv: [N_local] (one advantage per sample) or [N_local, S] (one per step).
+    """
+    adv = adv.to(ctx.policy.device)
+    mb = ctx.cfg.train.micro_batch
+    n_chunks = len(batch.chunks)
+    for epoch in range(inner_epochs):
+        for ci in ctx.chunk_order(n_chunks):
+            traj = batch.chunks[ci]
+            a = adv[ci * mb : (ci + 1) * mb]
+            cond = ctx.encode(traj)
+            stochastic = traj.stochastic[0].nonzero().flatten()
+            # Which steps a chunk trains is drawn per global chunk index, so 1 and N processes train
+            # the same (sample, step) pairs and a resume on another world size continues alike.
+            g_steps = ctx.generator(epoch, ctx.world.rank * n_chunks + ci, 1)
+            n_train = n_train_steps(timestep_fraction, len(stochastic))
+            for j in stochastic[torch.randperm(len(stochastic), generator=g_steps)[:n_train]].tolist():
+                ref_mean = None
+                if kl_beta > 0:
+                    with torch.no_grad(), ctx.policy.reference():
+                        _, ref_mean, _ = ctx.sampler.log_prob(ctx.predict, traj, j, cond)
+                log_prob, mean, std = ctx.sampler.log_prob(ctx.predict, traj, j, cond)
+                a_j = a[:, j] if a.dim() == 2 else a
+                loss, stats = step_loss(log_prob, traj.log_probs[:, j], a_j, mean, ref_mean, std, j, traj)
+                ctx.backward(loss, stats)
+
+
+class GRPO:
+    """Flow-GRPO: one advantage per sample, clipped ratio + KL on each trained step."""
 
     Config = GRPOConfig
+    needs_log_probs = True
+
+    def __init__(self, cfg: GRPOConfig):
+        self.cfg = cfg
 
     @classmethod
     def problems(cls, cfg: GRPOConfig, train_cfg, world_size: int) -> list[str]:
@@ -90,50 +149,28 @@ class GRPO(Algorithm):
     def needs_reference(self) -> bool:
         return self.cfg.kl_beta > 0
 
-    def n_train_steps(self, n_stochastic: int) -> int:
-        return max(1, round(self.cfg.timestep_fraction * n_stochastic))
-
     def micro_steps(self, n_chunks: int, n_stochastic: int) -> int:
-        return n_chunks * self.n_train_steps(n_stochastic)
+        return n_chunks * n_train_steps(self.cfg.timestep_fraction, n_stochastic)
 
-    def advantages(self, batch: Batch, ctx: Context) -> tuple[torch.Tensor, dict[str, float]]:
-        """[N_local] (or [N_local, S] per step in subclasses) advantages and aggregation stats."""
-        adv, stats = distributed_advantages(
-            batch.scored.per_reward, ctx.rewards.weights, ctx.rewards.regularizers, batch.prompt_ids, ctx.world.rank,
-            ctx.aggregator, self.cfg.std_scope,
-        )
-        return adv.clamp(-self.cfg.adv_clip, self.cfg.adv_clip), stats
-
-    def step_loss(
-        self, log_prob: torch.Tensor, old_log_prob: torch.Tensor, adv: torch.Tensor, mean, ref_mean, std, j: int,
-        traj,
-    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """The loss of step ``j`` of one chunk (subclasses change the ratio)."""
-        return grpo_loss(log_prob, old_log_prob, adv, self.cfg.clip_range, mean, ref_mean, std, self.cfg.kl_beta)
+    def rollout_weights(self, policy):
+        return nullcontext()
 
     def update(self, batch: Batch, ctx: Context) -> dict[str, float]:
-        adv, agg_stats = self.advantages(batch, ctx)
-        adv = adv.to(ctx.policy.device)
-        mb = ctx.cfg.train.micro_batch
-        n_chunks = len(batch.chunks)
-        rank = ctx.world.rank
-        for epoch in range(self.cfg.inner_epochs):
-            for ci in ctx.chunk_order(n_chunks):
-                traj = batch.chunks[ci]
-                a = adv[ci * mb : (ci + 1) * mb]
-                cond = ctx.encode(traj)
-                stochastic = traj.stochastic[0].nonzero().flatten()
-                # Which steps a chunk trains is drawn per global chunk index, so 1 and N processes train
-                # the same (sample, step) pairs and a resume on another world size continues alike.
-                g_steps = ctx.generator(epoch, rank * n_chunks + ci, 1)
-                n_train = self.n_train_steps(len(stochastic))
-                for j in stochastic[torch.randperm(len(stochastic), generator=g_steps)[:n_train]].tolist():
-                    ref_mean = None
-                    if self.cfg.kl_beta > 0:
-                        with torch.no_grad(), ctx.policy.reference():
-                            _, ref_mean, _ = ctx.sampler.log_prob(ctx.predict, traj, j, cond)
-                    log_prob, mean, std = ctx.sampler.log_prob(ctx.predict, traj, j, cond)
-                    a_j = a[:, j] if a.dim() == 2 else a
-                    loss, stats = self.step_loss(log_prob, traj.log_probs[:, j], a_j, mean, ref_mean, std, j, traj)
-                    ctx.backward(loss, stats)
+        c = self.cfg
+        adv, agg_stats = group_advantages(batch, ctx, c.std_scope, c.adv_clip)
+
+        def step_loss(log_prob, old_log_prob, a, mean, ref_mean, std, j, traj):
+            return grpo_loss(log_prob, old_log_prob, a, c.clip_range, mean, ref_mean, std, c.kl_beta)
+
+        ratio_updates(batch, ctx, adv, c.inner_epochs, c.timestep_fraction, c.kl_beta, step_loss)
         return {f"train/{k}": v for k, v in agg_stats.items()}
+
+    def after_update(self, policy) -> None:
+        pass
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state:
+            raise ValueError(f"GRPO keeps no state, but the checkpoint's algorithm_state.pt holds {sorted(state)}")
