@@ -68,6 +68,10 @@ class DataConfig:
     eval_prompts: str = MISSING
     prompts_per_step: int = 8  # unique prompts per iteration, across all ranks
     eval_size: int = 64  # held-out prompts evaluated (0 = all)
+    # Partial chains (sampler.start_step > 0) start from a forward-noised clean sample: "base" = the base
+    # (reference) model's deterministic sample of the same prompt (cached; clean_variants per prompt).
+    clean_source: Optional[str] = None
+    clean_variants: int = 4
 
 
 @dataclass
@@ -221,9 +225,6 @@ def _sampler_problems(s: SamplerConfig, needs_log_probs: bool) -> list[str]:
     if s.noise_schedule == "table" and s.noise_table is not None and len(s.noise_table) != s.num_steps:
         p.append(f"sampler.noise_table has {len(s.noise_table)} entries; it needs one per step (sampler.num_steps="
                  f"{s.num_steps})")
-    if s.start_step > 0:
-        p.append(f"sampler.start_step ({s.start_step}): partial chains start from clean samples, which the GRPO "
-                 "trainer has no source of yet (data gives prompts only); use start_step 0")
     return p
 
 
@@ -261,6 +262,16 @@ def validate(cfg: TrainConfig, world_size: int) -> None:
         else:
             p.extend(algorithm_cls.problems(a, cfg, world_size))
         p.extend(_sampler_problems(s, algorithm_cls.needs_log_probs))
+    if s.start_step > 0 and d.clean_source is None:
+        p.append(f"sampler.start_step ({s.start_step}) starts partial chains from clean samples: set data.clean_source=base "
+                 "(the base model's own samples of each prompt), or use start_step 0")
+    if d.clean_source is not None and s.start_step == 0:
+        p.append(f"data.clean_source ({d.clean_source!r}) is only read by partial chains: set sampler.start_step > 0, "
+                 "or remove data.clean_source")
+    if d.clean_source not in (None, "base"):
+        p.append(f"data.clean_source ({d.clean_source!r}) must be null or 'base'")
+    if d.clean_variants < 1:
+        p.append(f"data.clean_variants ({d.clean_variants}) must be >= 1")
     shared = sorted(set(cfg.rewards) & set(cfg.eval_rewards))
     if shared:
         p.append(f"rewards and eval_rewards share the name(s) {shared}: their eval/<name> metrics would collide; rename one")

@@ -35,7 +35,7 @@ from trainer.monitors import HackingMonitor, RewardHackingStop
 from trainer.plots import plot_curves
 from trainer.prompts import load_prompts, step_prompt_ids
 from trainer.rng import STREAM_ROLLOUT, STREAM_TRAIN, generator
-from trainer.rollout import SAMPLER_STATE_KEY, rollout_chunks, step_reward_gains
+from trainer.rollout import SAMPLER_STATE_KEY, BaseSamples, rollout_chunks, step_reward_gains
 
 
 def _reward_values(result) -> dict[str, torch.Tensor]:
@@ -90,7 +90,9 @@ def train(
     # Seeded before the model is built: LoRA's random init draws from the global generator.
     torch.manual_seed(cfg.seed)
     algorithm: Algorithm = get_class(algo._target_)(algo)
-    policy = instantiate(cfg.model, device=str(world.device), needs_reference=algorithm.needs_reference())
+    # Partial chains from the base model's samples need the frozen base too.
+    policy = instantiate(cfg.model, device=str(world.device),
+                         needs_reference=algorithm.needs_reference() or cfg.data.clean_source == "base")
     sampler: Sampler = instantiate(asdict(cfg.sampler))
     eval_sampler = sampler.evaluation()
     if cfg.data.eval_size:
@@ -144,6 +146,9 @@ def train(
         run_dir, cfg.logger, OmegaConf.to_container(OmegaConf.create(resolved_yaml)), world.is_main, state["wandb_id"]
     )
     h, w = policy.height, policy.width
+    clean = None
+    if cfg.data.clean_source == "base":
+        clean = BaseSamples(policy, eval_sampler, prompts, cfg.seed, cfg.data.clean_variants, tcfg.micro_batch, h, w)
 
     def run_eval(step: int) -> dict[str, float]:
         metrics = evaluate(
@@ -206,7 +211,7 @@ def train(
             chunks, images = rollout_chunks(
                 policy, sampler, prompts, pids, sids, (cfg.seed, STREAM_ROLLOUT, step), sampler.num_steps,
                 sampler.guidance_scale, tcfg.micro_batch, h, w, iteration=step,
-                on_chunk=score_chunk if overlap_rewards else None,
+                x0=clean(pids, sids) if clean is not None else None, on_chunk=score_chunk if overlap_rewards else None,
             )
         t_rollout = time.time()
 

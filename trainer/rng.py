@@ -10,7 +10,7 @@ import torch
 _MASK = (1 << 64) - 1
 
 # Stream tags keep unrelated draws independent even when their other integers coincide.
-STREAM_ROLLOUT, STREAM_PROMPTS, STREAM_TRAIN, STREAM_EVAL = 1, 2, 3, 4
+STREAM_ROLLOUT, STREAM_PROMPTS, STREAM_TRAIN, STREAM_EVAL, STREAM_CLEAN = 1, 2, 3, 4, 5
 
 
 def _splitmix64(x: int) -> int:

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from samplers.trajectory import Trajectory
-from trainer.rng import generator
+from trainer.rng import STREAM_CLEAN, generator
 
 # Key of the sampler's state (e.g. a calibrated noise table) in the checkpoint's trainer_state.json:
 # the state is a few JSON numbers, and that file is written atomically with the rest of the checkpoint.
@@ -76,3 +76,40 @@ def step_reward_gains(policy, rewards, chunks: list[Trajectory], prompts: list[s
             gains[:, j] = score[j + 1] - score[j]
         out.append(gains)
     return torch.cat(out)
+
+
+class BaseSamples:
+    """Clean latents that partial chains start from (``data.clean_source=base``): the base (reference)
+    policy's deterministic sample of (prompt id, variant), variant = sample id % ``variants``.
+
+    Each comes from the evaluation sampler (the whole deterministic chain) with noise from
+    ``generator(seed, STREAM_CLEAN, prompt id, variant)``. Pairs are computed on first use in fixed
+    blocks of ``micro_batch`` consecutive global indices (prompt id * variants + variant) and cached, so a
+    pair's latent never depends on which rank asks, in which order, or whether the run was resumed
+    (the cache is not checkpointed: it is recomputed bit for bit).
+    """
+
+    def __init__(self, policy, eval_sampler, prompts: list[str], seed: int, variants: int, micro_batch: int,
+                 height: int, width: int):
+        self.policy, self.sampler, self.prompts = policy, eval_sampler, prompts
+        self.seed, self.variants, self.micro_batch = seed, variants, micro_batch
+        self.height, self.width = height, width
+        self.cache: dict[int, torch.Tensor] = {}  # global index -> [*L] on CPU
+
+    def _block(self, b: int) -> None:
+        index = torch.arange(b * self.micro_batch, min((b + 1) * self.micro_batch, len(self.prompts) * self.variants))
+        pids, vids = index // self.variants, index % self.variants
+        with torch.no_grad(), self.policy.reference():
+            chunks, _ = rollout_chunks(
+                self.policy, self.sampler, self.prompts, pids, vids, (self.seed, STREAM_CLEAN), self.sampler.num_steps,
+                self.sampler.guidance_scale, self.micro_batch, self.height, self.width,
+            )
+        for i, x0 in zip(index.tolist(), torch.cat([c.final for c in chunks]).cpu()):
+            self.cache[i] = x0
+
+    def __call__(self, prompt_ids: torch.Tensor, sample_ids: torch.Tensor) -> torch.Tensor:
+        """[N, *L] clean latents (CPU) for N (prompt id, sample id) pairs."""
+        keys = (prompt_ids.cpu() * self.variants + sample_ids.cpu() % self.variants).tolist()
+        for b in sorted({k // self.micro_batch for k in keys if k not in self.cache}):
+            self._block(b)
+        return torch.stack([self.cache[k] for k in keys])

@@ -40,3 +40,20 @@ def test_calibrated_noise_table_is_restored_on_resume(tmp_path):
     scales = [straight[0][f"sampler/noise_scale/{j}"] for j in range(4)]
     assert any(abs(s - 1) > 0.05 for s in scales), scales  # the table really moved (else the test proves nothing)
     assert all(straight[0][f"sampler/noise_scale/{j}"] == 1.0 for j in range(4, 8))  # outside the window: untouched
+
+
+def test_partial_chains_from_base_samples_on_two_processes_match_one(tmp_path):
+    """Partial chains (InstructVideo) start from the base model's cached sample of each (prompt, variant),
+    forward-noised to sigma[start_step]: computed in fixed blocks, so 2 ranks asking for different pairs
+    get bitwise the latents 1 process gets; only the steps after start_step are sampled and trained."""
+    overrides = ["train.steps=1", "sampler.start_step=5", "sampler.window_start=5", "data.clean_source=base", "data.clean_variants=2", *FAST]
+    s1 = step_rows(train(tmp_path / "one", *overrides))[0]
+    s2 = step_rows(train(tmp_path / "two", *overrides, launcher=TORCHRUN))[0]
+    assert s1["sampler/first_stochastic_step"] == 5
+    assert s1["train/onpolicy_log_ratio_max"] == s2["train/onpolicy_log_ratio_max"] == 0.0
+    for key in ("reward/total", "reward/shapes/count"):
+        assert s1[key] == s2[key], key
+    assert s2["train/loss"] == pytest.approx(s1["train/loss"], rel=1e-6, abs=1e-9)
+    # A partial chain of the last 5 of 10 steps stays close to where it started: the base sample scores
+    # like the base model's own samples, not like noise (shapes count reward of noise is ~0).
+    assert s1["reward/shapes/count"] > 0.3

@@ -295,3 +295,13 @@ def test_algorithm_knobs_are_typed_per_algorithm():
     """An algorithm's schema is its own: a knob of another algorithm is a compose-time error, not ignored."""
     with pytest.raises(Exception, match="clip_rang"):
         _typed(["algorithm.clip_rang=0.1"])
+
+
+def test_partial_chains_need_a_clean_source_and_a_clean_source_needs_partial_chains():
+    with pytest.raises(ConfigError, match=r"sampler.start_step \(3\) starts partial chains from clean samples"):
+        validate(_typed(["sampler.start_step=3", "sampler.window_start=3"]), 1)
+    with pytest.raises(ConfigError, match=r"data.clean_source \('base'\) is only read by partial chains"):
+        validate(_typed(["data.clean_source=base"]), 1)
+    with pytest.raises(ConfigError, match=r"data.clean_source \('dataset'\) must be null or 'base'"):
+        validate(_typed(["sampler.start_step=3", "sampler.window_start=3", "data.clean_source=dataset"]), 1)
+    validate(_typed(["sampler.start_step=3", "sampler.window_start=3", "data.clean_source=base"]), 1)
