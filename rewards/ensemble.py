@@ -35,8 +35,9 @@ class RewardResult:
 class RewardEnsemble:
     """Instantiate ``{name: {_target_: ..., weight: w, **kwargs}}`` and score with all of them.
 
-    Rewards run concurrently in threads (most release the GIL in numpy/cv2/torch ops); a failure is
-    re-raised with the reward's name so it is never a silent hang or an anonymous traceback.
+    Rewards run concurrently in threads (most release the GIL in numpy/cv2/torch ops), or each in its
+    own worker process with ``executor: process`` (rewards/worker.py; ``timeout_s`` bounds each call);
+    a failure is re-raised with the reward's name so it is never a silent hang or an anonymous traceback.
     """
 
     def __init__(self, specs: dict[str, dict]):
@@ -51,6 +52,18 @@ class RewardEnsemble:
                 raise ValueError(f"rewards.{name}.role={role!r}: use 'reward' or 'regularizer'")
             if role == "regularizer":
                 self.regularizers.add(name)
+            executor = spec.pop("executor", "thread")
+            timeout_s = spec.pop("timeout_s", None)
+            if executor not in ("thread", "process"):
+                raise ValueError(f"rewards.{name}.executor={executor!r}: use 'thread' or 'process'")
+            if timeout_s is not None and executor != "process":
+                raise ValueError(f"rewards.{name}.timeout_s is read only with executor=process (set that, or drop "
+                                 "timeout_s; a remote reward has its own timeout knobs)")
+            if executor == "process":
+                from rewards.worker import ProcessReward
+
+                self.rewards[name] = ProcessReward(name, spec, 600.0 if timeout_s is None else float(timeout_s))
+                continue
             try:
                 self.rewards[name] = instantiate(spec)
             except Exception as e:
@@ -93,6 +106,14 @@ class RewardEnsemble:
         trained = [self.weights[n] * r for n, r in per_reward.items() if self.weights[n] != 0]
         total = sum(trained) if trained else torch.zeros(len(prompts))
         return RewardResult(total=total, per_reward=per_reward, components=components)
+
+    def close(self) -> None:
+        """Stop worker processes (rewards with executor=process) and the scoring threads."""
+        for r in self.rewards.values():
+            if hasattr(r, "close"):
+                r.close()
+        self._pool.shutdown(wait=False)
+        self._chunks.shutdown(wait=False)
 
     def state_dict(self) -> dict:
         """State of the rewards that change during training (those defining ``state_dict``), by name."""

@@ -314,4 +314,7 @@ def train(
         plot_curves(rows, eval_keys, run_dir / "plots" / "eval.png", "held-out evaluation (ODE)")
         plot_curves(rows, ["train/kl", "train/clip_frac"], run_dir / "plots" / "train.png", "KL to reference, clip fraction")
     writer.close()
+    for ensemble in (rewards, eval_rewards):
+        if ensemble is not None:
+            ensemble.close()  # worker processes (executor=process) end with the job, not with the interpreter
     return summary
