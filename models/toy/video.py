@@ -1,0 +1,191 @@
+"""The video toy: a coloured shape moving left, right, up or down, and a tiny pixel-space Wan model of it.
+
+World: clips of ``FRAMES`` frames of ``SIZE`` x ``SIZE`` pixels (black background); one square or circle
+of side ``SIDE`` in one of the shapes world's four colours moves ``SPEED`` pixels per frame in the
+prompt's direction from a random start that keeps it inside the frame. Prompts read
+"a red square moving left": 4 colours x 2 shapes x 4 directions = 32 captions, of which a fixed 8
+(every direction, every colour, both shapes once) are held out from pre-training and RL.
+
+Model: the Wan 2.1 family itself (WanTransformer3DModel + UMT5EncoderModel + flow-matching scheduler) in
+pixel space (no VAE: frames are generated as [-1, 1] RGB), saved as an ordinary diffusers folder that
+``models.wan.WanPolicy`` loads exactly as it loads Wan 2.1. Wan rather than an SD3 toy with a frame
+axis because the point of the toy is to run the real video adapter; at 8 x 16 x 16 pixels with
+4 x 4 patches it is 128 tokens, fast enough on one CPU thread (see launch/pretrain_video_toy.py).
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from models.toy.shapes import COLORS, shape_mask
+
+SIZE, FRAMES, SIDE, SPEED = 16, 8, 5, 1
+SHAPES = ("square", "circle")
+# (dx, dy) per frame in image coordinates (y grows downwards).
+DIRECTIONS: dict[str, tuple[int, int]] = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}
+MAX_TOKENS = 8  # <bos> a red square moving left <eos>: 7, plus one spare
+__all__ = ["COLORS", "SHAPES", "DIRECTIONS", "MotionSpec", "caption", "parse_caption", "render", "all_specs", "split"]
+
+
+@dataclass(frozen=True)
+class MotionSpec:
+    color: str
+    shape: str
+    direction: str
+
+
+def caption(spec: MotionSpec) -> str:
+    return f"a {spec.color} {spec.shape} moving {spec.direction}"
+
+
+def parse_caption(text: str) -> MotionSpec:
+    """Inverse of ``caption``; raises ValueError naming the grammar for anything else."""
+    words = text.split(" ")
+    if (len(words) != 5 or words[0] != "a" or words[1] not in COLORS or words[2] not in SHAPES or words[3] != "moving"
+            or words[4] not in DIRECTIONS):
+        raise ValueError(f"{text!r} is not a moving-shapes caption: 'a <{'|'.join(COLORS)}> <{'|'.join(SHAPES)}> "
+                         f"moving <{'|'.join(DIRECTIONS)}>'")
+    return MotionSpec(words[1], words[2], words[4])
+
+
+def all_specs() -> list[MotionSpec]:
+    return [MotionSpec(c, s, d) for c in COLORS for s in SHAPES for d in DIRECTIONS]
+
+
+def split() -> tuple[list[str], list[str]]:
+    """(train, held-out) captions: held out are 8 combinations covering every direction, colour and shape."""
+    colors, dirs = list(COLORS), list(DIRECTIONS)
+    held = {MotionSpec(colors[i % 4], SHAPES[i % 2], dirs[(i + i // 4) % 4]) for i in range(8)}
+    train = [caption(s) for s in all_specs() if s not in held]
+    return train, [caption(s) for s in all_specs() if s in held]
+
+
+def vocabulary() -> list[str]:
+    return ["a", "moving", *COLORS, *SHAPES, *DIRECTIONS]
+
+
+def render(spec: MotionSpec, rng: np.random.Generator, size: int = SIZE, frames: int = FRAMES) -> np.ndarray:
+    """uint8 [frames, size, size, 3]: the shape moving SPEED px per frame, wholly inside every frame."""
+    dx, dy = DIRECTIONS[spec.direction]
+    travel = SPEED * (frames - 1)
+    span = size - SIDE  # last valid top-left coordinate
+
+    def start(d):  # along the motion: leave room for the whole path; across it: anywhere
+        if d == 0:
+            return int(rng.integers(0, span + 1))
+        lo, hi = (0, span - travel) if d > 0 else (travel, span)
+        if lo > hi:
+            raise ValueError(f"a {size}-px frame cannot hold a {SIDE}-px shape travelling {travel} px")
+        return int(rng.integers(lo, hi + 1))
+
+    x0, y0 = start(dx), start(dy)
+    mask = shape_mask(spec.shape, SIDE, SIDE)
+    clip = np.zeros((frames, size, size, 3), dtype=np.uint8)
+    for f in range(frames):
+        x, y = x0 + dx * SPEED * f, y0 + dy * SPEED * f
+        clip[f, y : y + SIDE, x : x + SIDE][mask] = COLORS[spec.color]
+    return clip
+
+
+def to_tensor(clips: np.ndarray) -> torch.Tensor:
+    """uint8 [B, F, H, W, 3] -> the model's pixel latents [B, 3, F, H, W] in [-1, 1]."""
+    return torch.from_numpy(clips).permute(0, 4, 1, 2, 3).float() / 127.5 - 1.0
+
+
+# ------------------------------------------------------------------------------------------ the model
+def build(seed: int = 0, layers: int = 4, heads: int = 4, head_dim: int = 16, text_dim: int = 32, patch: int = 4) -> dict:
+    """Random components of the pixel-space Wan toy (transformer, text_encoder, tokenizer, scheduler)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, WanTransformer3DModel
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    from models.toy.build import build_tokenizer
+
+    torch.manual_seed(seed)
+    tokenizer = build_tokenizer(vocabulary(), MAX_TOKENS)
+    text_encoder = UMT5EncoderModel(UMT5Config(
+        vocab_size=len(tokenizer), d_model=text_dim, d_kv=text_dim // 4, d_ff=2 * text_dim, num_layers=1, num_heads=4,
+        relative_attention_num_buckets=8, pad_token_id=0, eos_token_id=3, decoder_start_token_id=0)).eval()
+    transformer = WanTransformer3DModel(
+        patch_size=(1, patch, patch), num_attention_heads=heads, attention_head_dim=head_dim, in_channels=3, out_channels=3,
+        text_dim=text_dim, freq_dim=64, ffn_dim=2 * heads * head_dim, num_layers=layers, cross_attn_norm=True,
+        qk_norm="rms_norm_across_heads", rope_max_seq_len=32)
+    # No shift: at 16 px the layout is decided at high noise, which a shift > 1 would rush through.
+    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=1.0)
+    return {"transformer": transformer, "text_encoder": text_encoder, "tokenizer": tokenizer, "scheduler": scheduler}
+
+
+def save(components: dict, folder: str | Path) -> Path:
+    """A WanPipeline-style folder with no VAE (``vae: [null, null]``: pixel space)."""
+    import diffusers
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    index = {"_class_name": "WanPipeline", "_diffusers_version": diffusers.__version__, "boundary_ratio": None,
+             "expand_timesteps": False, "transformer_2": [None, None], "vae": [None, None]}
+    for name in ("scheduler", "text_encoder", "tokenizer", "transformer"):
+        obj = components[name]
+        library = "diffusers" if type(obj).__module__.startswith("diffusers") else "transformers"
+        index[name] = [library, type(obj).__name__]
+        obj.save_pretrained(folder / name)
+    (folder / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
+    return folder
+
+
+def pretrain(out: Path, steps: int = 600, batch: int = 32, lr: float = 2e-3, seed: int = 0, cond_dropout: float = 0.1,
+             eval_every: int = 200, eval_steps: int = 8, log=print) -> list[dict]:
+    """Flow-matching pre-training on rendered clips of the training captions (text encoder frozen, random).
+
+    Writes ``out/model`` (the last weights, transformer in fp16) and ``out/history.json``; returns the
+    history of held-out direction accuracy (8-step ODE, one sample per held-out caption x 4 seeds).
+    """
+    from models.wan import WanPolicy
+    from rewards.ensemble import RewardEnsemble
+    from samplers.flow_sde import FlowSDESampler
+    from trainer.distributed import World
+    from trainer.evaluate import evaluate
+    from trainer.flow_matching import flow_matching_loss
+    from trainer.rng import generator
+
+    train, heldout = split()
+    folder = save(build(seed), out / "model")
+    policy = WanPolicy(str(folder), finetune="full", needs_reference=False, dtype="float32", max_sequence_length=MAX_TOKENS,
+                       num_frames=FRAMES, height=SIZE, width=SIZE)
+    params = [p for p in policy.transformer.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    warmup = max(1, steps // 10)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / warmup) * (0.55 + 0.45 * math.cos(math.pi * s / steps)))
+    rng, gen = np.random.default_rng(seed), generator(seed, 99)
+    specs = [parse_caption(c) for c in train]
+    reward = RewardEnsemble({"motion": {"_target_": "rewards.video.MovingShapeReward", "component": "direction"}})
+    sampler = FlowSDESampler(noise_level=0.0, num_steps=eval_steps)
+    world = World(0, 1, 0, 1, torch.device("cpu"))
+    history, losses, t0 = [], [], time.time()
+    for step in range(1, steps + 1):
+        chosen = [specs[i] for i in rng.integers(len(specs), size=batch)]
+        x0 = to_tensor(np.stack([render(s, rng) for s in chosen]))
+        cond = policy.encode(["" if rng.random() < cond_dropout else caption(s) for s in chosen])
+        loss = flow_matching_loss(lambda x, t: policy.predict(x, t, cond, 1.0), x0, gen)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        losses.append(loss.item())
+        if step % eval_every == 0 or step == steps:
+            policy.transformer.eval()
+            metrics = evaluate(policy, sampler, [reward], heldout * 4, world, seed, 32, SIZE, SIZE)
+            policy.transformer.train()
+            row = {"step": step, "loss": float(np.mean(losses[-eval_every:])), "time_s": time.time() - t0, **metrics}
+            history.append(row)
+            log(json.dumps(row))
+    # fp16 on disk halves the bytes; the adapter loads it back in fp32 on CPU.
+    policy.transformer.to(torch.float16).save_pretrained(folder / "transformer")
+    (out / "history.json").write_text(json.dumps(history, indent=2) + "\n")
+    return history
