@@ -68,7 +68,8 @@ def image_ids(h: int, w: int, device, dtype) -> torch.Tensor:
     return ids.reshape(-1, 3).to(device=device, dtype=dtype)
 
 
-def check_folder(path: str, family: str) -> tuple[Path, dict]:
+def check_folder(path: str, family: str, transformer_class: str, components: tuple[str, ...]) -> tuple[Path, dict]:
+    """The folder and its model_index.json, after checking it holds a ``family`` checkpoint."""
     folder = Path(path).expanduser()
     index_file = folder / "model_index.json"
     if not index_file.is_file():
@@ -76,7 +77,15 @@ def check_folder(path: str, family: str) -> tuple[Path, dict]:
             f"model.path={path!r} is not a diffusers folder: {index_file} is missing. "
             f"Point model.path at a local copy of a {family} checkpoint (the folder holding model_index.json)."
         )
-    return folder, json.loads(index_file.read_text())
+    index = json.loads(index_file.read_text())
+    found = (index.get("transformer") or [None, None])[1]
+    if found != transformer_class:
+        raise ValueError(f"model.path={path!r} is not a {family} checkpoint: its model_index.json names transformer "
+                         f"class {found}, {family} needs {transformer_class}. Pick the model config of that family.")
+    missing = [n for n in components if not (index.get(n) or [None])[0]]
+    if missing:
+        raise ValueError(f"{folder} lacks {family} components {missing} in model_index.json")
+    return folder, index
 
 
 class FluxPolicy:
@@ -109,13 +118,10 @@ class FluxPolicy:
         needs_reference: bool = True,
         device: str | torch.device = "cpu",
     ):
-        self.folder, index = check_folder(path, "FLUX.1")
+        self.folder, index = check_folder(path, "FLUX.1", "FluxTransformer2DModel", (
+            "scheduler", "vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2"))
         if finetune not in ("lora", "full"):
             raise ValueError(f"model.finetune must be 'lora' or 'full', got {finetune!r}")
-        missing = [n for n in ("transformer", "scheduler", "vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2")
-                   if not (index.get(n) or [None])[0]]
-        if missing:
-            raise ValueError(f"{self.folder} lacks FLUX components {missing} in model_index.json; is it a FLUX.1 folder?")
         self.device = torch.device(device)
         self.dtype = _dtype(dtype, self.device)
         self.height, self.width = height, width

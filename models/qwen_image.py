@@ -91,12 +91,10 @@ class QwenImagePolicy:
         needs_reference: bool = True,
         device: str | torch.device = "cpu",
     ):
-        self.folder, index = check_folder(path, "Qwen-Image")
+        self.folder, index = check_folder(path, "Qwen-Image", "QwenImageTransformer2DModel",
+                                          ("scheduler", "vae", "text_encoder", "tokenizer"))
         if finetune not in ("lora", "full"):
             raise ValueError(f"model.finetune must be 'lora' or 'full', got {finetune!r}")
-        missing = [n for n in ("transformer", "scheduler", "vae", "text_encoder", "tokenizer") if not (index.get(n) or [None])[0]]
-        if missing:
-            raise ValueError(f"{self.folder} lacks Qwen-Image components {missing} in model_index.json; is it a Qwen-Image folder?")
         self.device = torch.device(device)
         self.dtype = _dtype(dtype, self.device)
         self.height, self.width = height, width
