@@ -305,3 +305,29 @@ def test_partial_chains_need_a_clean_source_and_a_clean_source_needs_partial_cha
     with pytest.raises(ConfigError, match=r"data.clean_source \('dataset'\) must be null or 'base'"):
         validate(_typed(["sampler.start_step=3", "sampler.window_start=3", "data.clean_source=dataset"]), 1)
     validate(_typed(["sampler.start_step=3", "sampler.window_start=3", "data.clean_source=base"]), 1)
+
+
+@pytest.mark.parametrize("preset", sorted(p.stem for p in (CONF / "rewards").glob("*.yaml")))
+def test_one_override_swaps_the_default_jobs_trained_rewards(preset):
+    """`rewards=<preset>` replaces the whole trained set of the default job (digits) with the preset's, and
+    the result trains on something (a non-zero weight) and passes validation."""
+    cfg = _typed(["experiment=toy_digits", f"rewards={preset}"])
+    expected = {"toy_shapes": {"jpeg", "shapes"}}.get(preset, {preset})
+    assert set(cfg.rewards) == expected
+    assert any(r["weight"] != 0 for r in cfg.rewards.values())
+    assert set(cfg.eval_rewards) == {"accuracy"}  # the experiment's held-out eval is kept
+    validate(cfg, 1)
+
+
+def test_the_default_job_scores_with_every_offline_preset():
+    """The offline presets score the digits toy's own images and prompts (OCR needs quoted text: its own test)."""
+    import torch
+
+    from models.toy.digits import caption
+    from rewards.ensemble import RewardEnsemble
+
+    images = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    for preset in ("digit", "jpeg", "jpeg_incompressibility", "brightness", "saturation", "contrast", "high_frequency"):
+        cfg = _compose([f"rewards={preset}"])
+        result = RewardEnsemble(OmegaConf.to_container(cfg.rewards))(images, [caption(3), caption(7)])
+        assert result.total.shape == (2,) and torch.isfinite(result.total).all(), preset
