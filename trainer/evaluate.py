@@ -22,7 +22,8 @@ def evaluate(
     before/after scores compare the same starting points. Prompts beyond a multiple of world_size
     are dropped so that every rank scores equally many (the collective needs equal shapes).
     ``observe(per_reward {name: [n_local]}, images [n_local, 3, H, W]) -> dict`` (every rank) adds
-    metrics computed from the samples themselves (the reward-hacking monitors).
+    metrics computed from the samples themselves (the reward-hacking monitors). Video policies give
+    [n_local, F, 3, H, W]; their grid is written as an animated GIF beside ``grid_path`` (suffix .gif).
     Returns {"eval/<reward>": mean, "eval/<reward>/<component>": nan-mean, "eval/num_prompts": n}.
     """
     n = len(prompts) - len(prompts) % world.world_size

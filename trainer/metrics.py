@@ -1,4 +1,4 @@
-"""Run outputs: metrics.jsonl, wandb (offline by default), and captioned sample grids."""
+"""Run outputs: metrics.jsonl, wandb (offline by default), and captioned sample grids (PNG; animated GIF for videos)."""
 from __future__ import annotations
 
 import json
@@ -35,10 +35,13 @@ class MetricsWriter:
             self.wandb.log(row, step=step)
 
     def log_image(self, step: int, key: str, path: Path) -> None:
+        """Log a grid written by ``save_grid``: a .gif (video samples) as wandb.Video, anything else as wandb.Image."""
         if self.wandb is not None:
             import wandb
 
-            self.wandb.log({key: wandb.Image(str(path))}, step=step)
+            path = Path(path)
+            media = wandb.Video(str(path), format="gif") if path.suffix == ".gif" else wandb.Image(str(path))
+            self.wandb.log({key: media}, step=step)
 
     def close(self) -> None:
         if self.wandb is not None:
@@ -53,8 +56,27 @@ def _plain(v):
     return v
 
 
-def save_grid(images: torch.Tensor, captions: list[str], path: Path, cols: int = 8, scale: int = 3) -> Path:
-    """Write images [N, 3, H, W] in [0, 1] as a PNG grid, each tile captioned (and optionally scored)."""
+def save_grid(images: torch.Tensor, captions: list[str], path: Path, cols: int = 8, scale: int = 3,
+              frame_ms: int = 250) -> Path:
+    """Write images [N, 3, H, W] in [0, 1] as a PNG grid, each tile captioned (and optionally scored).
+
+    Videos [N, F, 3, H, W] become an animated GIF of F grids (``path`` with the suffix .gif, ``frame_ms``
+    per frame, looping). Returns the path written (the .gif one for videos).
+    """
+    if images.ndim == 5:
+        frames = [_grid(images[:, f], captions, cols, scale) for f in range(images.shape[1])]
+        path = Path(path).with_suffix(".gif")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        frames[0].save(path, save_all=True, append_images=frames[1:], duration=frame_ms, loop=0)
+        return path
+    canvas = _grid(images, captions, cols, scale)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    canvas.save(path)
+    return path
+
+
+def _grid(images: torch.Tensor, captions: list[str], cols: int, scale: int) -> Image.Image:
+    """The captioned grid of images [N, 3, H, W] in [0, 1] as one RGB image."""
     n = images.shape[0]
     cols = min(cols, n)
     rows = math.ceil(n / cols)
@@ -70,9 +92,7 @@ def save_grid(images: torch.Tensor, captions: list[str], path: Path, cols: int =
         x0, y0 = c * tile_w, r * (h + cap_h)
         canvas.paste(Image.fromarray(arr[i]).resize((w, h), Image.NEAREST), (x0 + (tile_w - w) // 2, y0))
         draw.multiline_text((x0 + 2, y0 + h + 1), _wrap(captions[i], 24), fill="black", font=font, spacing=1)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    canvas.save(path)
-    return path
+    return canvas
 
 
 def _wrap(text: str, width: int) -> str:

@@ -63,8 +63,12 @@ def _global_mean_std(x: torch.Tensor) -> tuple[float, float]:
 
 
 def _features(images: torch.Tensor) -> torch.Tensor:
-    """[N, 768]: 16x16 RGB thumbnails, a cheap stand-in for perceptual features that still sees layout and colour."""
-    return F.adaptive_avg_pool2d(images.float().cpu(), 16).flatten(1)
+    """[N, 768]: 16x16 RGB thumbnails, a cheap stand-in for perceptual features that still sees layout and colour.
+
+    Videos [N, F, 3, H, W] give [N, F * 768]: every frame's thumbnail, so motion counts as well.
+    """
+    x = images.float().cpu()
+    return F.adaptive_avg_pool2d(x.reshape(-1, *x.shape[-3:]), 16).reshape(x.shape[0], -1)
 
 
 def group_diversity(features: torch.Tensor, prompt_ids: torch.Tensor) -> float:
@@ -107,7 +111,8 @@ class HackingMonitor:
         return (mean - base[0]) / (base[1] + _EPS)
 
     def on_eval(self, values: dict[str, torch.Tensor], images: torch.Tensor) -> dict[str, float]:
-        """values: eval reward name -> this rank's per-sample scores; images [n_local, 3, H, W]. All ranks call it."""
+        """values: eval reward name -> this rank's per-sample scores; images [n_local, 3, H, W] (or videos
+        [n_local, F, 3, H, W]: the image statistics are then over all frames). All ranks call it."""
         out = {}
         gains = {}
         for name, v in values.items():
@@ -118,9 +123,10 @@ class HackingMonitor:
         gd = [gains[n] for n in self.gold if n in gains]
         if tr and gd:
             out["monitor/gold_gap"] = sum(tr) / len(tr) - sum(gd) / len(gd)
+        frames = images.flatten(0, 1) if images.ndim == 5 else images
         for s, stat in self.stats.items():
             with torch.no_grad():
-                out[f"monitor/drift/{s}"] = self._relative(f"stat/{s}", *_global_mean_std(stat.measure(images.float())))
+                out[f"monitor/drift/{s}"] = self._relative(f"stat/{s}", *_global_mean_std(stat.measure(frames.float())))
         return out
 
     def on_train(self, total: torch.Tensor, prompt_ids: torch.Tensor, images: torch.Tensor) -> dict[str, float]:
