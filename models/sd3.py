@@ -12,6 +12,7 @@ import contextlib
 import copy
 import importlib
 import json
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -89,6 +90,7 @@ class SD3Policy:
         if finetune not in ("lora", "full"):
             raise ValueError(f"model.finetune must be 'lora' or 'full', got {finetune!r}")
         index = json.loads(index_file.read_text())
+        self.path = folder  # the base folder; save_merged copies its other components
         self.device = torch.device(device)
         self.dtype = _dtype(dtype, self.device)
         self.height, self.width = height, width
@@ -254,3 +256,77 @@ class SD3Policy:
         with torch.no_grad():
             for k, v in state.items():
                 params[k].copy_(v)
+
+    # ---------------------------------------------------------------- export
+    def save_lora(self, out_dir: str | Path) -> Path:
+        """Write the trained LoRA in diffusers' SD3 format: ``out_dir/pytorch_lora_weights.safetensors``.
+
+        The file holds the adapters under ``transformer.`` and the LoraConfig (rank, alpha, targets)
+        as safetensors metadata, which diffusers reads back, so after
+        ``StableDiffusion3Pipeline.from_pretrained(base).load_lora_weights(out_dir)`` the pipeline's
+        transformer computes what this policy's does (scale alpha / rank included; without the
+        metadata diffusers would assume alpha = rank). Returns the file written.
+
+        Raises ValueError for a full fine-tune: there is no adapter, export a full folder (merge=true).
+        """
+        if self.finetune != "lora":
+            raise ValueError(
+                "model.finetune=full trained every transformer weight, so there is no LoRA to save; "
+                "export a full diffusers folder instead (python -m launch.export ... merge=true)"
+            )
+        from diffusers import StableDiffusion3Pipeline
+        from peft.utils import get_peft_model_state_dict
+
+        layers = {k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(self.transformer).items()}
+        out = Path(out_dir)
+        StableDiffusion3Pipeline.save_lora_weights(
+            out, transformer_lora_layers=layers,
+            transformer_lora_adapter_metadata=self.transformer.peft_config["default"].to_dict(),
+        )
+        return out / "pytorch_lora_weights.safetensors"
+
+    def save_merged(self, out_dir: str | Path) -> Path:
+        """Write a complete diffusers folder: the base folder's components and the trained transformer.
+
+        LoRA is merged (W + alpha / rank * B A, computed in fp32 and stored in the base weights'
+        dtype); a full fine-tune is written as is. ``StableDiffusion3Pipeline.from_pretrained(out_dir)``
+        then loads the trained model. The other components (text encoders, tokenizers, VAE,
+        scheduler) are copied byte for byte; model_index.json is written last, so a folder cut short
+        does not load. Returns ``out_dir``.
+        """
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        index = json.loads((self.path / "model_index.json").read_text())
+        for name, spec in index.items():
+            if name.startswith("_") or name == "transformer" or not spec or spec[0] is None:
+                continue
+            shutil.copytree(self.path / name, out / name)
+        self._merged_transformer().save_pretrained(out / "transformer")
+        shutil.copy2(self.path / "model_index.json", out / "model_index.json")
+        return out
+
+    @torch.no_grad()
+    def _merged_transformer(self) -> torch.nn.Module:
+        """The transformer as a plain ``SD3Transformer2DModel`` (no peft layers) with the LoRA merged.
+
+        Built from a merged state dict rather than by merging in place, so the policy's own modules
+        are untouched and no second copy of the frozen weights is made (the plain model shares them).
+        """
+        if self.finetune != "lora":
+            return self.transformer
+        from peft.tuners.lora import LoraLayer
+
+        state = {}
+        for key, value in self.transformer.state_dict().items():
+            if any(part.startswith("lora_") for part in key.split(".")):
+                continue  # adapter weights: folded into the base weight below
+            state[key.replace(".base_layer.", ".")] = value
+        for name, module in self.transformer.named_modules():
+            if isinstance(module, LoraLayer):
+                weight = module.get_base_layer().weight
+                # fp32 sum: a bf16 base would otherwise round the small update twice.
+                state[f"{name}.weight"] = (weight.float() + module.get_delta_weight("default").float()).to(weight.dtype)
+        with torch.device("meta"):  # no memory for weights that load_state_dict(assign=True) replaces
+            plain = type(self.transformer).from_config(self.transformer.config)
+        plain.load_state_dict(state, strict=True, assign=True)  # strict: every base weight accounted for
+        return plain
