@@ -66,6 +66,16 @@ def split() -> tuple[list[str], list[str]]:
     return train, [caption(s) for s in all_specs() if s in held]
 
 
+def write_prompt_files(folder: Path) -> tuple[Path, Path]:
+    """Write moving_shapes_train.txt / moving_shapes_heldout.txt (the RL job's prompt tables)."""
+    train, heldout = split()
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = folder / "moving_shapes_train.txt", folder / "moving_shapes_heldout.txt"
+    for path, lines in zip(paths, (train, heldout)):
+        path.write_text("\n".join(lines) + "\n")
+    return paths
+
+
 def vocabulary() -> list[str]:
     return ["a", "moving", *COLORS, *SHAPES, *DIRECTIONS]
 
