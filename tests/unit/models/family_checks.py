@@ -186,3 +186,21 @@ def check_export(policy, pipeline_cls, base_folder, run_pipeline, guidance_scale
     assert (run_pipeline(pipeline_cls.from_pretrained(merged), latents, steps) - ours).abs().max() <= TOL
     # The base folder is untouched (the merged one links its other components, never writes into them).
     assert torch.equal(run_pipeline(pipeline_cls.from_pretrained(base_folder), latents, steps), base)
+
+
+def check_bf16(policy, guidance_scale):
+    """dtype=bfloat16 (what "auto" picks on GPU): bf16 base weights and encoders, fp32 adapters; a rollout
+    in [0, 1] with finite log-probs recomputed bitwise, and finite fp32 gradients on the adapters."""
+    assert policy.dtype == torch.bfloat16
+    dtypes = {p.dtype for n, p in policy.transformer.named_parameters() if "lora_" not in n}
+    assert dtypes == {torch.bfloat16}
+    assert all(p.dtype == torch.float32 for p in policy.transformer.parameters() if p.requires_grad)
+    sampler, chunks = check_rollout_log_probs(policy, guidance_scale)
+    traj = chunks[0]
+    assert torch.isfinite(traj.log_probs).all() and traj.latents.dtype == torch.float32
+    cond = policy.encode([PROMPTS[int(p)] for p in traj.prompt_ids])
+    lp, _, _ = sampler.log_prob(lambda x, s, c: policy.predict(x, s, c, guidance_scale), traj, 0, cond)
+    lp.mean().backward()
+    grads = [p.grad for p in policy.transformer.parameters() if p.requires_grad and p.grad is not None]
+    assert grads and all(g.dtype == torch.float32 and torch.isfinite(g).all() for g in grads)
+    assert max(float(g.abs().max()) for g in grads) > 0

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from family_checks import (
-    PROMPTS, TOL, check_export, check_gradient_checkpointing, check_state_dict_round_trip, check_training_step,
+    PROMPTS, TOL, check_bf16, check_export, check_gradient_checkpointing, check_state_dict_round_trip, check_training_step,
     initial_latents, ode_sample, perturb_all, perturb_lora,
 )
 from models.flux import FluxPolicy, pack, unpack
@@ -27,9 +27,9 @@ def schnell_dir(tmp_path_factory):
     return save_tiny(build_tiny_flux(guidance_embeds=False), tmp_path_factory.mktemp("tiny_flux_schnell"))
 
 
-def make_policy(folder, finetune="lora", size=TINY_FAMILY_SIZE, **kwargs):
-    return FluxPolicy(folder, finetune=finetune, lora_rank=4, lora_alpha=8.0, dtype="float32",
-                      max_sequence_length=T5_TOKENS, height=size, width=size, **kwargs)
+def make_policy(folder, finetune="lora", size=TINY_FAMILY_SIZE, dtype="float32", **kwargs):
+    return FluxPolicy(folder, finetune=finetune, lora_rank=4, lora_alpha=8.0,
+                      max_sequence_length=T5_TOKENS, height=size, width=size, dtype=dtype, **kwargs)
 
 
 def run_pipeline(pipe, latents, steps, guidance_scale=GUIDANCE, output_type="latent", prompt=PROMPTS[0]):
@@ -173,3 +173,7 @@ def test_full_finetune_exports_to_diffusers(flux_dir, tmp_path):
     check_export(policy, FluxPipeline, flux_dir, run_pipeline, GUIDANCE, tmp_path)
     with pytest.raises(ValueError, match="save_lora needs model.finetune=lora"):
         policy.save_lora(tmp_path / "lora")
+
+
+def test_bf16_weights_with_fp32_adapters_train(flux_dir):
+    check_bf16(make_policy(flux_dir, dtype="bfloat16"), GUIDANCE)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from family_checks import (
-    PROMPTS, TOL, check_export, check_gradient_checkpointing, check_state_dict_round_trip, check_training_step,
+    PROMPTS, TOL, check_bf16, check_export, check_gradient_checkpointing, check_state_dict_round_trip, check_training_step,
     initial_latents, ode_sample, perturb_all, perturb_lora,
 )
 from models.flux import pack, unpack
@@ -30,9 +30,9 @@ def pipeline(qwen_dir):
     return QwenImagePipeline.from_pretrained(qwen_dir)
 
 
-def make_policy(folder, finetune="lora", size=TINY_FAMILY_SIZE, **kwargs):
-    return QwenImagePolicy(folder, finetune=finetune, lora_rank=4, lora_alpha=8.0, dtype="float32", height=size,
-                           width=size, **kwargs)
+def make_policy(folder, finetune="lora", size=TINY_FAMILY_SIZE, dtype="float32", **kwargs):
+    return QwenImagePolicy(folder, finetune=finetune, lora_rank=4, lora_alpha=8.0, height=size,
+                           width=size, dtype=dtype, **kwargs)
 
 
 def run_pipeline(pipe, latents, steps, cfg=CFG, prompts=PROMPTS[:1], output_type="latent", negative_prompt=" "):
@@ -156,3 +156,7 @@ def test_full_finetune_exports_to_diffusers(qwen_dir, tmp_path):
     policy = make_policy(qwen_dir, finetune="full", needs_reference=False)
     perturb_all(policy)
     check_export(policy, QwenImagePipeline, qwen_dir, run_pipeline, CFG, tmp_path)
+
+
+def test_bf16_weights_with_fp32_adapters_train(qwen_dir):
+    check_bf16(make_policy(qwen_dir, dtype="bfloat16"), CFG)
