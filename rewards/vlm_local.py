@@ -1,4 +1,4 @@
-"""Rewards from a local transformers VLM (no server): a yes/no judge and PromptEcho.
+"""Rewards from a local transformers VLM (no server): a yes/no judge, a pairwise judge and PromptEcho.
 
 - `VlmYesNoJudge` (RewardDance, Wu et al. 2025, "RewardDance: Reward Scaling in Visual Generation"):
   reward = P(yes) / (P(yes) + P(no)) of the VLM's next token after a question about the image, or
@@ -6,6 +6,8 @@
 - `PromptEcho` (2026, "PromptEcho: Annotation-Free Reward from Vision-Language Models for Text-to-Image
   Reinforcement Learning"): reward = the teacher-forced log-likelihood of the prompt as the VLM's
   answer to a fixed query ("Describe this image in detail.") about the image.
+- `VlmPairwisePreference` (Pref-GRPO's pairwise judge): P(image a beats image b), both orders asked,
+  as the judge of rewards/winrate.py's WinRate.
 
 Both load any `AutoModelForImageTextToText` + `AutoProcessor` folder (LLaVA, Qwen2-VL / Qwen2.5-VL,
 ...) and build their inputs with the processor's own chat template, so a model is a config change.
@@ -24,6 +26,7 @@ from rewards.vlm_judge import DEFAULT_QUESTION, normalise_token
 
 FETCH_VLM = "e.g. `hf download Qwen/Qwen2.5-VL-7B-Instruct --local-dir /models/Qwen2.5-VL-7B-Instruct`"
 DEFAULT_QUERY = "Describe this image in detail."
+DEFAULT_PAIR_QUESTION = 'Which image shows "{prompt}" better, the first or the second? Answer 1 or 2.'
 
 
 class LocalVlm:
@@ -68,6 +71,16 @@ def pil_images(images: torch.Tensor) -> list[Image.Image]:
     return [Image.fromarray(a) for a in quantize(images)]
 
 
+def word_ids(vlm: LocalVlm, words, owner: str) -> torch.Tensor:
+    """Ids [K] of every vocabulary token that normalises to one of `words`; ValueError if none."""
+    wanted = {normalise_token(w) for w in words}
+    tokens = vlm.tokenizer.convert_ids_to_tokens(list(range(len(vlm.tokenizer))))
+    ids = [i for i, t in enumerate(tokens) if t is not None and normalise_token(t) in wanted]
+    if not ids:
+        raise ValueError(f"{owner}: no token of the tokenizer in {vlm.tokenizer.name_or_path!r} reads as {sorted(wanted)}")
+    return torch.tensor(ids, device=vlm.device)
+
+
 def check_batch(images: torch.Tensor, prompts: list[str], batch_size: int) -> None:
     if len(prompts) != images.shape[0]:
         raise ValueError(f"got {len(prompts)} prompts for {images.shape[0]} images")
@@ -110,13 +123,7 @@ class VlmYesNoJudge:
         self.yes_ids, self.no_ids = self.word_ids(yes_words), self.word_ids(no_words)
 
     def word_ids(self, words) -> torch.Tensor:
-        """Ids [K] of every vocabulary token that normalises to one of `words`; ValueError if none."""
-        wanted = {normalise_token(w) for w in words}
-        tokens = self.vlm.tokenizer.convert_ids_to_tokens(list(range(len(self.vlm.tokenizer))))
-        ids = [i for i, t in enumerate(tokens) if t is not None and normalise_token(t) in wanted]
-        if not ids:
-            raise ValueError(f"{type(self).__name__}: no token of the tokenizer in {self.vlm.tokenizer.name_or_path!r} reads as {sorted(wanted)}")
-        return torch.tensor(ids, device=self.vlm.device)
+        return word_ids(self.vlm, words, type(self).__name__)
 
     def images_for(self, images: list[Image.Image], metadata: list[dict] | None) -> tuple[list[Image.Image], int]:
         """(images in placeholder order, images per sample): with a reference, generated then reference."""
@@ -210,3 +217,57 @@ class PromptEcho:
         mean = total / tokens
         out = {"reward": mean if self.reduction == "mean" else total, "logprob_mean": mean, "logprob_sum": total, "prompt_tokens": tokens}
         return {k: v.float().to(images.device) for k, v in out.items()}
+
+
+class VlmPairwisePreference:
+    """A pairwise preference judge for the win-rate reward (Pref-GRPO judges pairs with a VLM).
+
+    For an ordered pair (a, b) the VLM sees image a then image b and `question`; P_first(a, b) =
+    P(first) / (P(first) + P(second)) of its next token (first_words / second_words, "1" / "2" by
+    default). VLM judges favour one position, so both orders are asked and
+    P(a beats b) = (P_first(a, b) + 1 - P_first(b, a)) / 2, which makes P + P.T = 1 exactly (and 0.5 on
+    the diagonal). Cost: n (n - 1) VLM calls per group of n, batch_size at a time.
+
+    path, system_prompt, device, dtype, batch_size: as VlmYesNoJudge. question: template with {prompt}.
+    """
+
+    def __init__(self, path: str, question: str = DEFAULT_PAIR_QUESTION, system_prompt: str | None = None,
+                 first_words: tuple[str, ...] = ("1",), second_words: tuple[str, ...] = ("2",), device: str = "auto",
+                 dtype: str = "bfloat16", batch_size: int = 8) -> None:
+        try:
+            question.format(prompt="")
+        except (KeyError, IndexError, ValueError) as e:
+            raise ValueError(f"question may only use the placeholder {{prompt}} (write {{{{ }}}} for literal braces): {question!r}") from e
+        if not all(isinstance(w, str) for w in [*first_words, *second_words]):
+            raise ValueError(f"first_words and second_words must be strings (quote them in YAML), got {first_words}, {second_words}")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.vlm = LocalVlm(path, device, dtype, type(self).__name__)
+        self.question, self.system_prompt, self.batch_size = question, system_prompt, int(batch_size)
+        self.first_ids = word_ids(self.vlm, first_words, type(self).__name__)
+        self.second_ids = word_ids(self.vlm, second_words, type(self).__name__)
+
+    @torch.no_grad()
+    def first_preferred(self, first: list[Image.Image], second: list[Image.Image], prompt: str) -> torch.Tensor:
+        """[k] P_first for k ordered pairs (first[i] shown before second[i])."""
+        text = self.vlm.prompt_text(self.question.format(prompt=prompt), 2, self.system_prompt)
+        out = []
+        for s in range(0, len(first), self.batch_size):
+            pairs = list(zip(first[s : s + self.batch_size], second[s : s + self.batch_size]))
+            batch = self.vlm.inputs([text] * len(pairs), [im for pair in pairs for im in pair])
+            probs = self.vlm.model(**batch, logits_to_keep=1).logits[:, -1].float().softmax(dim=-1)
+            p1, p2 = probs[:, self.first_ids].sum(dim=-1), probs[:, self.second_ids].sum(dim=-1)
+            out.append((p1 / (p1 + p2)).cpu())
+        return torch.cat(out)
+
+    def preference(self, images: torch.Tensor, prompt: str) -> torch.Tensor:
+        """[n, n] P(i beats j) for images [n, 3, H, W] in [0, 1] of one prompt."""
+        pil = pil_images(images)
+        n = len(pil)
+        order = [(i, j) for i in range(n) for j in range(n) if i != j]
+        p_first = torch.full((n, n), 0.5)
+        if order:
+            values = self.first_preferred([pil[i] for i, _ in order], [pil[j] for _, j in order], prompt)
+            for (i, j), v in zip(order, values.tolist()):
+                p_first[i, j] = v
+        return (p_first + 1 - p_first.T) / 2

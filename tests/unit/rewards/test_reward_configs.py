@@ -41,6 +41,7 @@ LOCAL_MODELS = {
     "vlm_judge_local": {"path": "vlm"},
     "prompt_echo": {"path": "vlm"},
     "image_reward": {"path": "image_reward"},
+    "winrate_vlm": {"judge.path": "vlm"},
 }
 
 
