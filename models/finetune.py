@@ -95,7 +95,8 @@ class TransformerWeights:
         loader applies alpha / rank, not a default scale of 1. Weights are saved in fp32 (as trained).
         """
         if self.finetune != "lora":
-            raise ValueError("save_lora needs model.finetune=lora; a fully fine-tuned model exports with save_merged")
+            raise ValueError("save_lora needs model.finetune=lora; a fully fine-tuned model exports only merged "
+                             "(save_merged; python -m launch.export ... merge=true)")
         from peft.utils import get_peft_model_state_dict
 
         out = Path(out_dir)
@@ -135,10 +136,10 @@ class TransformerWeights:
                 link_or_copy(entry, target)
         merged = copy.deepcopy(self.transformer)
         if self.finetune == "lora":
-            base_dtype = next(p.dtype for n, p in merged.named_parameters() if "lora_" not in n)
-            merged.fuse_lora(safe_fusing=True)  # W + (alpha / r) B A, per adapted layer; fails on NaN
+            # W + (alpha / r) B A per adapted layer, computed by peft in the base weight's dtype (fp32
+            # adapters on a bf16 base give a bf16 checkpoint); safe fusing fails on a non-finite result.
+            merged.fuse_lora(safe_fusing=True)
             merged.unload_lora()
-            merged.to(base_dtype)
         shutil.rmtree(out / "transformer", ignore_errors=True)
         merged.save_pretrained(out / "transformer")
         return out

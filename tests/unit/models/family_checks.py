@@ -188,9 +188,10 @@ def check_export(policy, pipeline_cls, base_folder, run_pipeline, guidance_scale
     assert torch.equal(run_pipeline(pipeline_cls.from_pretrained(base_folder), latents, steps), base)
 
 
-def check_bf16(policy, guidance_scale):
+def check_bf16(policy, guidance_scale, tmp_path):
     """dtype=bfloat16 (what "auto" picks on GPU): bf16 base weights and encoders, fp32 adapters; a rollout
-    in [0, 1] with finite log-probs recomputed bitwise, and finite fp32 gradients on the adapters."""
+    in [0, 1] with finite log-probs recomputed bitwise, finite fp32 gradients on the adapters, and a
+    merged export in bf16 (the base's dtype)."""
     assert policy.dtype == torch.bfloat16
     dtypes = {p.dtype for n, p in policy.transformer.named_parameters() if "lora_" not in n}
     assert dtypes == {torch.bfloat16}
@@ -204,3 +205,10 @@ def check_bf16(policy, guidance_scale):
     grads = [p.grad for p in policy.transformer.parameters() if p.requires_grad and p.grad is not None]
     assert grads and all(g.dtype == torch.float32 and torch.isfinite(g).all() for g in grads)
     assert max(float(g.abs().max()) for g in grads) > 0
+    from safetensors.torch import load_file
+
+    perturb_lora(policy, scale=0.1)
+    merged = policy.save_merged(tmp_path / "merged")
+    weights = load_file(merged / "transformer" / "diffusion_pytorch_model.safetensors")
+    assert {v.dtype for v in weights.values()} == {torch.bfloat16}
+    assert not any("lora" in k for k in weights)

@@ -175,5 +175,5 @@ def test_full_finetune_exports_to_diffusers(flux_dir, tmp_path):
         policy.save_lora(tmp_path / "lora")
 
 
-def test_bf16_weights_with_fp32_adapters_train(flux_dir):
-    check_bf16(make_policy(flux_dir, dtype="bfloat16"), GUIDANCE)
+def test_bf16_weights_with_fp32_adapters_train(tmp_path, flux_dir):
+    check_bf16(make_policy(flux_dir, dtype="bfloat16"), GUIDANCE, tmp_path)

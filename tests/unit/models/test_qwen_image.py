@@ -158,5 +158,5 @@ def test_full_finetune_exports_to_diffusers(qwen_dir, tmp_path):
     check_export(policy, QwenImagePipeline, qwen_dir, run_pipeline, CFG, tmp_path)
 
 
-def test_bf16_weights_with_fp32_adapters_train(qwen_dir):
-    check_bf16(make_policy(qwen_dir, dtype="bfloat16"), CFG)
+def test_bf16_weights_with_fp32_adapters_train(tmp_path, qwen_dir):
+    check_bf16(make_policy(qwen_dir, dtype="bfloat16"), CFG, tmp_path)
