@@ -212,3 +212,21 @@ def check_bf16(policy, guidance_scale, tmp_path):
     weights = load_file(merged / "transformer" / "diffusion_pytorch_model.safetensors")
     assert {v.dtype for v in weights.values()} == {torch.bfloat16}
     assert not any("lora" in k for k in weights)
+
+
+def compose_model(config: str, folder, overrides: list[str]):
+    """The adapter built from conf/model/<config>.yaml as the trainer builds it (hydra compose + instantiate)."""
+    from pathlib import Path
+
+    from hydra import compose, initialize_config_dir
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
+    from trainer.config import register
+
+    conf = Path(__file__).resolve().parents[3] / "conf"
+    assert (conf / "model" / f"{config}.yaml").read_text().startswith("# "), "config files start with a header comment"
+    register()
+    with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
+        cfg = OmegaConf.to_object(compose("train", overrides=[f"model={config}", f"model.path={folder}", *overrides]))
+    return instantiate(cfg.model, device="cpu", needs_reference=False)

@@ -177,3 +177,16 @@ def test_full_finetune_exports_to_diffusers(flux_dir, tmp_path):
 
 def test_bf16_weights_with_fp32_adapters_train(tmp_path, flux_dir):
     check_bf16(make_policy(flux_dir, dtype="bfloat16"), GUIDANCE, tmp_path)
+
+
+@pytest.mark.parametrize("config, guidance_embeds", [("flux_1_dev", True), ("flux_1_schnell", False)])
+def test_model_configs_build_the_policy(flux_dir, schnell_dir, config, guidance_embeds):
+    """conf/model/<config>.yaml composes (every key is a constructor argument) and builds the adapter."""
+    from family_checks import compose_model
+
+    folder = flux_dir if guidance_embeds else schnell_dir
+    policy = compose_model(config, folder, ["model.max_sequence_length=16", "model.height=16", "model.width=16"])
+    assert isinstance(policy, FluxPolicy) and policy.guidance_embeds == guidance_embeds
+    assert policy.transformer.is_gradient_checkpointing and policy.dtype == torch.float32  # auto on CPU
+    assert {n.rsplit(".lora_A", 1)[0].rsplit(".", 1)[-1] for n, _ in policy.transformer.named_parameters()
+            if "lora_A" in n} == {"to_q", "to_k", "to_v", "0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"}

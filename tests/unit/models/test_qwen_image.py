@@ -160,3 +160,13 @@ def test_full_finetune_exports_to_diffusers(qwen_dir, tmp_path):
 
 def test_bf16_weights_with_fp32_adapters_train(tmp_path, qwen_dir):
     check_bf16(make_policy(qwen_dir, dtype="bfloat16"), CFG, tmp_path)
+
+
+def test_model_config_builds_the_policy(qwen_dir):
+    """conf/model/qwen_image.yaml composes (every key is a constructor argument) and builds the adapter."""
+    from family_checks import compose_model
+
+    policy = compose_model("qwen_image", qwen_dir, ["model.height=16", "model.width=16"])
+    assert isinstance(policy, QwenImagePolicy) and policy.negative_prompt == " " and policy.max_sequence_length == 512
+    assert policy.transformer.is_gradient_checkpointing and policy.dtype == torch.float32  # auto on CPU
+    assert sum("lora_A" in n for n, _ in policy.transformer.named_parameters()) == 8  # the 8 projections of 1 block
