@@ -39,7 +39,7 @@ class PretrainConfig:
     # Ship mode: copy snapshot `ship_from` into `ship_to` (fp16), re-score it and write its model card.
     ship_from: Optional[str] = None
     ship_to: Optional[str] = None  # default: models/toy/weights/<world><image_size>
-    world: str = "shapes"  # "shapes" (GenEval-like scenes) or "digits" (sklearn's digits; use image_size=16)
+    world: str = "shapes"  # "shapes" (GenEval-like scenes), "digits" (sklearn's digits; image_size=16) or "text" (words, OCR)
 
 
 ConfigStore.instance().store(name="pretrain_toy", node=PretrainConfig)

@@ -89,12 +89,33 @@ def digits_world(prompt_dir: Path, seed: int, image_size: int, eval_repeats: int
     return ToyWorld("digits", digits.vocabulary(), 2, prompts, eval_prompts, sample, rewards)
 
 
+def text_world(prompt_dir: Path, seed: int, image_size: int, eval_repeats: int = 8) -> ToyWorld:
+    """Words on signs (Pillow's font): twelve prompts, so evaluation holds out seeds, like digits."""
+    from models.toy import text
+
+    prompts = [text.caption(w) for w in text.WORDS]
+    eval_prompts = prompts * eval_repeats
+    prompt_dir.mkdir(parents=True, exist_ok=True)
+    (prompt_dir / "text_train.txt").write_text("\n".join(prompts) + "\n")
+    (prompt_dir / "text_eval.txt").write_text("\n".join(eval_prompts) + "\n")
+
+    def sample(rng, batch):
+        words = [text.WORDS[i] for i in rng.integers(len(text.WORDS), size=batch)]
+        x0 = torch.from_numpy(np.stack([text.render(w, rng, size=image_size) for w in words]))
+        return x0.permute(0, 3, 1, 2).float() / 127.5 - 1.0, [text.caption(w) for w in words]
+
+    rewards = {"ocr": {"_target_": "rewards.ocr.OcrReward"}}
+    return ToyWorld("text", text.vocabulary(), 4, prompts, eval_prompts, sample, rewards)
+
+
 def make_world(name: str, prompt_dir: Path, seed: int, image_size: int, layout: str) -> ToyWorld:
     if name == "shapes":
         return shapes_world(prompt_dir, seed, image_size, layout)
     if name == "digits":
         return digits_world(prompt_dir, seed, image_size)
-    raise ValueError(f"world must be 'shapes' or 'digits', got {name!r}")
+    if name == "text":
+        return text_world(prompt_dir, seed, image_size)
+    raise ValueError(f"world must be 'shapes', 'digits' or 'text', got {name!r}")
 
 
 def pretrain_toy(
@@ -208,6 +229,8 @@ def model_card(row: dict, settings: dict) -> str:
     """The model card of one snapshot: what it is, how it was made, how well it does."""
     if settings.get("world") == "digits":
         return _digits_card(row, settings)
+    if settings.get("world") == "text":
+        return _text_card(row, settings)
     comps = ", ".join(f"{k.rsplit('/', 1)[-1]} {v:.3f}" for k, v in row.items()
                       if k.startswith("eval/shapes_total/") and not k.endswith(("/total", "/correct")))
     cmd = (f"python -m launch.pretrain_toy steps={settings['steps']} batch={settings['batch']} lr={settings['lr']} "
@@ -268,4 +291,30 @@ scored by `rewards/digits.py` (a logistic-regression classifier fit on the same 
 - mean probability of the digit asked for: {row['eval/digits_prob']:.3f}
 
 It is deliberately imperfect, so that RL has room to improve it.
+"""
+
+
+def _text_card(row: dict, settings: dict) -> str:
+    size = settings["image_size"]
+    return f"""# steerflow toy: text{size} (SD3 family, pixel space)
+
+A tiny text-to-image model of the Stable Diffusion 3 family that draws a word on a sign, shipped with
+steerflow so that a text-rendering (OCR) reward drives a real job on a CPU: an ordinary diffusers folder
+(`transformer/`: SD3Transformer2DModel, 4 joint blocks, 4 heads x 32, patch 4, RGB pixels in [-1, 1], no
+VAE; `text_encoder/`: CLIPTextModelWithProjection, 2 layers, width 64, random and frozen; `tokenizer/`:
+word-level; `scheduler/`: flow matching, shift 1). Prompts are 'a sign that says "cat"' for twelve words.
+
+## How it was made
+`python -m launch.pretrain_toy world=text image_size={size} steps={settings['steps']} batch={settings['batch']} lr={settings['lr']} warmup={settings.get('warmup', 200)}`
+(this snapshot: step {row['step']}), seed {settings['seed']}, {row['time_s']:.0f} s on this project's 2-core CPU machine
+(shared with other jobs); the transformer was then stored in fp16 (`ship_from=<snapshot>`); the scores
+below are the stored model's. Rectified-flow loss, {settings['t_sampling']} times, AdamW,
+{settings['cond_dropout']:.0%} empty captions. Data: the word rendered with Pillow's bundled font
+(`models/toy/text.py`: 12-13 px, dark ink on a light background, up to 2 px off centre).
+
+## Scores
+{settings['eval_prompts']} prompts (each word {settings['eval_prompts'] // 12} times, a fixed evaluation noise stream),
+{settings['eval_steps']}-step Euler ODE, read back by `rewards/ocr.py` (RapidOCR):
+- edit similarity to the word asked for: {row['eval/ocr']:.3f}
+- exactly the word: {row['eval/ocr/exact']:.3f}
 """

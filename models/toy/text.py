@@ -1,0 +1,52 @@
+"""A text-rendering toy world: captions quoting a short word, and images of that word drawn on a sign.
+
+The images are rendered with Pillow's bundled font (`ImageFont.load_default(size=...)`), so the world
+needs no font files and no download. Prompts are 'a sign that says "<word>"' for the twelve words in
+WORDS; `rewards/ocr.py` reads the generated image back with OCR (RapidOCR, weights inside its wheel)
+and scores the edit similarity to the quoted word, as text-rendering rewards do for SD3.5.
+
+Rendering varies what a text prompt leaves open: ink colour (dark), background (light), font size
+(12 or 13 px) and a small offset around the centre, so the model must learn the glyphs, not one image.
+"""
+from __future__ import annotations
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+
+WORDS: tuple[str, ...] = ("cat", "dog", "sun", "box", "map", "hat", "pen", "cup", "owl", "fox", "sky", "tea")
+_PREFIX = 'a sign that says "'
+
+
+def caption(word: str) -> str:
+    """'a sign that says "<word>"' for a word in WORDS; `parse_caption` inverts it exactly."""
+    if word not in WORDS:
+        raise ValueError(f"word must be one of {WORDS}, got {word!r}")
+    return f'{_PREFIX}{word}"'
+
+
+def parse_caption(text: str) -> str:
+    """Inverse of `caption`. Raises ValueError (naming `text`) for anything else."""
+    word = text[len(_PREFIX):-1] if text.startswith(_PREFIX) and text.endswith('"') else None
+    if word not in WORDS:
+        raise ValueError(f'caption outside the text grammar: {text!r} (expected \'a sign that says "<word>"\' with a '
+                         f"word in {WORDS})")
+    return word
+
+
+def vocabulary() -> list[str]:
+    """Every token the toy's word-level tokenizer needs (its pre-tokenizer splits the quotes off), sorted."""
+    return sorted({"a", "sign", "that", "says", '"', *WORDS})
+
+
+def render(word: str, rng: np.random.Generator, size: int = 32) -> np.ndarray:
+    """uint8 [size, size, 3]: `word` in a dark ink on a light background, 12 or 13 px, offset by up to
+    2 px from the centre in each direction (all drawn from ``rng``)."""
+    ink = tuple(int(v) for v in rng.integers(0, 90, size=3))
+    paper = tuple(int(v) for v in rng.integers(215, 256, size=3))
+    font = ImageFont.load_default(size=int(rng.integers(12, 14)))
+    image = Image.new("RGB", (size, size), paper)
+    draw = ImageDraw.Draw(image)
+    left, top, right, bottom = draw.textbbox((0, 0), word, font=font)
+    dx, dy = (int(v) for v in rng.integers(-2, 3, size=2))
+    draw.text(((size - (right - left)) // 2 - left + dx, (size - (bottom - top)) // 2 - top + dy), word, fill=ink, font=font)
+    return np.asarray(image)
