@@ -233,7 +233,9 @@ class UNetPolicy:
     def timestep(self, sigma: torch.Tensor) -> torch.Tensor:
         """Training timestep [B] fp32 of noise scales sigma [B]: exact (an integer) for the table's
         entries, linear between neighbours otherwise, clamped to [0, T - 1]."""
-        table = self._noise_table.to(sigma.device)
+        if self._noise_table.device != sigma.device:  # once: a host-to-device copy per step would sync
+            self._noise_table = self._noise_table.to(sigma.device)
+        table = self._noise_table
         hi = torch.searchsorted(table, sigma.float().contiguous()).clamp(1, table.numel() - 1)
         lo_s, hi_s = table[hi - 1], table[hi]
         frac = ((sigma.float() - lo_s) / (hi_s - lo_s)).clamp(0, 1)
@@ -313,7 +315,7 @@ class UNetPolicy:
                 f"{sched.config.num_train_timesteps} avoids it", stacklevel=2)
             self._warned_spacing = True
         final = sched.alphas_cumprod[prev[-1]] if prev[-1] >= 0 else sched.final_alpha_cumprod
-        return torch.cat([self._noise_table[ts], (1 - final.float()).sqrt().reshape(1)]).cpu().clone()
+        return torch.cat([self._noise_table.cpu()[ts], (1 - final.float()).sqrt().reshape(1)]).clone()
 
     def latent_shape(self, height: int, width: int) -> tuple[int, ...]:
         if height % self.vae_factor or width % self.vae_factor:

@@ -18,9 +18,9 @@ TOL = 1e-5
 BUILDERS = {"sd15": build_tiny_sd15, "sdxl": build_tiny_sdxl}
 
 
-def make_policy(folder, finetune="lora", **kwargs):
+def make_policy(folder, finetune="lora", dtype="float32", **kwargs):
     # alpha != rank: the LoRA scale (2) must survive the export.
-    return UNetPolicy(str(folder), finetune=finetune, lora_rank=4, lora_alpha=8.0, dtype="float32", **kwargs)
+    return UNetPolicy(str(folder), finetune=finetune, lora_rank=4, lora_alpha=8.0, dtype=dtype, **kwargs)
 
 
 def ddim_pipeline(pipe):
@@ -275,6 +275,29 @@ def test_gradient_checkpointing_gives_the_same_gradients(folders):
     assert grads[0].keys() == grads[1].keys()
     for n in grads[0]:
         torch.testing.assert_close(grads[1][n], grads[0][n], rtol=1e-4, atol=1e-7)
+
+
+def test_bfloat16_policy_predicts_and_trains(folders):
+    """GPU dtype on CPU: bf16 base and text embeddings, fp32 LoRA, fp32 VAE (SDXL's force_upcast); the
+    prediction is the fp32 policy's to bf16 precision and gradients reach the adapters."""
+    folder = folders["sdxl", "v"][0]
+    torch.manual_seed(0)
+    reference = make_policy(folder)
+    torch.manual_seed(0)
+    policy = make_policy(folder, dtype="bfloat16")
+    assert policy.unet.dtype == torch.bfloat16 and policy.vae.dtype == torch.float32
+    assert all(p.dtype == torch.float32 for p in policy.unet.parameters() if p.requires_grad)
+    perturb_lora(reference, seed=5)
+    perturb_lora(policy, seed=5)
+    x, sigma = initial_latents(policy, seed=12), policy.sigmas(4)[1:2]
+    eps = policy.predict(x, sigma, policy.encode([PROMPT]), 5.0)
+    assert eps.dtype == torch.float32
+    with torch.no_grad():
+        expected = reference.predict(x, sigma, reference.encode([PROMPT]), 5.0)
+    assert (eps - expected).abs().max() <= 0.05 * expected.abs().max()
+    eps.square().mean().backward()
+    assert all(p.grad is not None and p.grad.abs().max() > 0 for p in policy.unet.parameters() if p.requires_grad)
+    assert policy.decode(x).shape == (1, 3, SIZE, SIZE)
 
 
 def test_full_finetune_trains_every_unet_weight_against_a_frozen_reference(folders):
