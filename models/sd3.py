@@ -265,7 +265,7 @@ class SD3Policy:
         as safetensors metadata, which diffusers reads back, so after
         ``StableDiffusion3Pipeline.from_pretrained(base).load_lora_weights(out_dir)`` the pipeline's
         transformer computes what this policy's does (scale alpha / rank included; without the
-        metadata diffusers would assume alpha = rank). Returns the file written.
+        metadata diffusers would assume alpha = rank). Returns out_dir.
 
         Raises ValueError for a full fine-tune: there is no adapter, export a full folder (merge=true).
         """
@@ -283,7 +283,7 @@ class SD3Policy:
             out, transformer_lora_layers=layers,
             transformer_lora_adapter_metadata=self.transformer.peft_config["default"].to_dict(),
         )
-        return out / "pytorch_lora_weights.safetensors"
+        return out
 
     def save_merged(self, out_dir: str | Path) -> Path:
         """Write a complete diffusers folder: the base folder's components and the trained transformer.

@@ -6,8 +6,9 @@ import filecmp
 import json
 
 import pytest
+import torch
 from safetensors import safe_open
-from trained_checkpoints import STEP, TINY_SD3, make_checkpoint, random_inputs, transformer_out
+from trained_checkpoints import STEP, TINY_SD3, make_checkpoint, random_inputs, tiny_wan_folder, transformer_out
 
 from launch.export import ExportConfig, export
 
@@ -190,3 +191,26 @@ def test_merge_dtype_sets_the_merged_weights_dtype(lora_run, tmp_path):
         base = transformer_out(policy.transformer, inputs)
     # bf16 weights: ~3 significant digits, yet far closer to the trained model than to the base.
     assert (got - trained).abs().max() < 0.05 * (trained - base).abs().max()
+
+
+def test_a_video_model_exports_both_ways(tmp_path):
+    """The same export for the video family (models.wan.WanPolicy): WanPipeline loads LoRA and merged."""
+    from diffusers import WanPipeline
+
+    folder = tiny_wan_folder(tmp_path / "wan")
+    ckpt, policy = make_checkpoint(tmp_path / "run", ["model=toy_video", f"model.path={folder}"])
+    lora = export(ExportConfig(checkpoint=str(ckpt), out=str(tmp_path / "lora")))
+    merged = export(ExportConfig(checkpoint=str(ckpt), out=str(tmp_path / "merged"), merge=True))
+    c = policy.transformer.config
+    g = torch.Generator().manual_seed(0)
+    inputs = {"hidden_states": torch.randn(1, c.in_channels, 8, 16, 16, generator=g), "timestep": torch.tensor([500.0]),
+              "encoder_hidden_states": torch.randn(1, 8, c.text_dim, generator=g)}
+    pipe = WanPipeline.from_pretrained(folder, vae=None)  # the toy has no VAE (pixel space)
+    trained = _assert_trained_not_base(policy, transformer_out(pipe.transformer, inputs), inputs)
+    pipe.load_lora_weights(lora)
+    assert (transformer_out(pipe.transformer, inputs) - trained).abs().max() <= TOL
+    pipe = WanPipeline.from_pretrained(merged, vae=None)
+    assert (transformer_out(pipe.transformer, inputs) - trained).abs().max() <= TOL
+    card = (lora / "README.md").read_text()
+    assert "| family (adapter) | `models.wan.WanPolicy` |" in card
+    assert f'pipe = WanPipeline.from_pretrained("{folder}", vae=None)' in card

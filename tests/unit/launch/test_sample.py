@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from trained_checkpoints import make_checkpoint
+from trained_checkpoints import make_checkpoint, tiny_wan_folder
 
 import launch.sample as sample_mod
 from launch.sample import SampleConfig, sample, write_video
@@ -136,3 +136,21 @@ def test_sample_writes_pngs_for_the_toy_and_refuses_fps(tmp_path):
     assert Image.open(out / "00000_00.png").size == (16, 16)
     with pytest.raises(ValueError, match="fps=4 applies to video models"):
         sample(SampleConfig(checkpoint=str(ckpt), prompts=str(prompts), out=str(tmp_path / "o2"), num_steps=2, fps=4))
+
+
+def test_sample_writes_videos_with_the_wan_adapter(tmp_path):
+    """The real video adapter (models.wan.WanPolicy on a tiny pixel-space Wan): 8-frame GIF and MP4."""
+    import cv2
+
+    ckpt, _ = make_checkpoint(tmp_path / "run", ["model=toy_video", f"model.path={tiny_wan_folder(tmp_path / 'wan')}"])
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red square moving left\n")
+    out = tmp_path / "out"
+    [row] = [json.loads(line) for line in sample(SampleConfig(
+        checkpoint=str(ckpt), prompts=str(prompts), out=str(out), num_steps=2)).read_text().splitlines()]
+    assert row["files"] == ["00000_00.gif", "00000_00.mp4"] and row["frames"] == 8
+    with Image.open(out / "00000_00.gif") as gif:
+        assert gif.n_frames == 8 and gif.size == (16, 16)
+    cap = cv2.VideoCapture(str(out / "00000_00.mp4"))
+    assert cap.get(cv2.CAP_PROP_FRAME_COUNT) == 8 and cap.get(cv2.CAP_PROP_FRAME_WIDTH) == 16
+    cap.release()

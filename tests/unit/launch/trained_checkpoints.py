@@ -77,3 +77,10 @@ def random_inputs(transformer, batch: int = 2, tokens: int = 5, seed: int = 1) -
 @torch.no_grad()
 def transformer_out(transformer, inputs: dict) -> torch.Tensor:
     return transformer(**inputs, return_dict=False)[0]
+
+
+def tiny_wan_folder(folder: Path) -> Path:
+    """A 1-block random pixel-space Wan toy folder (WanPipeline layout, no VAE): the video family."""
+    from models.toy.video import build, save
+
+    return save(build(layers=1), folder)
