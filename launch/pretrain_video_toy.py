@@ -1,4 +1,5 @@
-"""Pre-train the video toy (pixel-space Wan, moving shapes): ``python -m launch.pretrain_video_toy [out] [steps]``.
+"""Pre-train the video toy (pixel-space Wan, moving shapes):
+``python -m launch.pretrain_video_toy [out] [steps] [init_from]`` (init_from: continue from a model folder).
 
 Writes ``out/model`` (a Wan diffusers folder, transformer in fp16) and ``out/history.json`` (held-out
 direction accuracy). The shipped base is ``out/model`` copied to models/toy/weights/video16 with its card.
@@ -21,7 +22,8 @@ def main(argv: list[str]) -> None:
     torch.set_num_threads(1)
     out = Path(argv[0] if argv else "runs/pretrain_video_toy")
     steps = int(argv[1]) if len(argv) > 1 else 600
-    pretrain(out, steps=steps)
+    init_from = Path(argv[2]) if len(argv) > 2 else None
+    pretrain(out, steps=steps, init_from=init_from)
 
 
 if __name__ == "__main__":

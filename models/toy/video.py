@@ -148,9 +148,10 @@ def save(components: dict, folder: str | Path) -> Path:
 
 
 def pretrain(out: Path, steps: int = 600, batch: int = 32, lr: float = 2e-3, seed: int = 0, cond_dropout: float = 0.1,
-             eval_every: int = 200, eval_steps: int = 8, log=print) -> list[dict]:
+             eval_every: int = 200, eval_steps: int = 8, init_from: Path | None = None, log=print) -> list[dict]:
     """Flow-matching pre-training on rendered clips of the training captions (text encoder frozen, random).
 
+    ``init_from``: continue from that model folder (e.g. an earlier run's ``out/model``) instead of a random init.
     Writes ``out/model`` (the last weights, transformer in fp16) and ``out/history.json``; returns the
     history of held-out direction accuracy (8-step ODE, one sample per held-out caption x 4 seeds).
     """
@@ -163,7 +164,13 @@ def pretrain(out: Path, steps: int = 600, batch: int = 32, lr: float = 2e-3, see
     from trainer.rng import generator
 
     train, heldout = split()
-    folder = save(build(seed), out / "model")
+    if init_from is None:
+        folder = save(build(seed), out / "model")
+    else:
+        import shutil
+
+        folder = out / "model"
+        shutil.copytree(init_from, folder, dirs_exist_ok=True)
     policy = WanPolicy(str(folder), finetune="full", needs_reference=False, dtype="float32", max_sequence_length=MAX_TOKENS,
                        num_frames=FRAMES, height=SIZE, width=SIZE)
     params = [p for p in policy.transformer.parameters() if p.requires_grad]
