@@ -60,6 +60,19 @@ def _problems(cfg: ExportConfig) -> list[str]:
     elif out.is_dir() and any(out.iterdir()) and not cfg.overwrite:
         p.append(f"out={cfg.out!r} is not empty: pass another folder, or overwrite=true to replace it "
                  "(the old contents are removed only after the new export is complete)")
+    # overwrite=true replaces `out` whole: never when that would delete the base model or the run.
+    if not missing:
+        from omegaconf import OmegaConf
+
+        from trainer.config import register
+
+        register()  # the run's config.yaml may use ${sf.root:}
+        base = OmegaConf.load(ckpt / CONFIG_FILE).model.get("path")
+        protected = {"the base model folder (model.path)": Path(base)} if base else {}
+        protected["the checkpoint"] = ckpt
+        for what, path in protected.items():
+            if path.resolve() == out.resolve() or out.resolve() in path.resolve().parents:
+                p.append(f"out={cfg.out!r} holds {what} ({path}): export to another folder")
     if cfg.ema:
         # The trainer keeps no EMA of the policy yet, so no checkpoint holds one; exporting the raw
         # weights under an "EMA" label would be a silent lie.
@@ -178,8 +191,8 @@ def model_card(ckpt: Path, run_cfg, merge: bool, out: Path) -> str:
     if finetune == "lora":
         mode = f"LoRA rank {model.get('lora_rank')}, alpha {model.get('lora_alpha')} on {_fmt(model.get('lora_targets', []))}"
     else:
-        mode = f"{finetune} (every transformer weight)"
-    form = "transformer with the LoRA merged, in a full diffusers folder" if merge and finetune == "lora" else (
+        mode = f"{finetune} (every weight of the denoiser)"
+    form = "the trained network with the LoRA merged in, in a full diffusers folder" if merge and finetune == "lora" else (
         "full diffusers folder" if merge else "LoRA weights, diffusers format (pytorch_lora_weights.safetensors)")
     step = checkpoint_step(ckpt)
     total = cfg.get("train", {}).get("steps")

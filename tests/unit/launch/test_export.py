@@ -90,7 +90,7 @@ def test_full_finetune_exports_merged_and_refuses_a_lora(tmp_path, tiny_sd3_dir)
     inputs = random_inputs(pipe.transformer)
     trained = _assert_trained_not_base(policy, transformer_out(base.transformer, inputs), inputs)
     assert (transformer_out(pipe.transformer, inputs) - trained).abs().max() <= TOL
-    assert "full (every transformer weight)" in (out / "README.md").read_text()
+    assert "full (every weight of the denoiser)" in (out / "README.md").read_text()
 
 
 @pytest.mark.parametrize("merge", [False, True])
@@ -176,6 +176,14 @@ def test_every_argument_problem_is_reported_at_once_before_loading(tmp_path):
     for part in ["has no config.yaml or policy.safetensors", "overwrite=true", "ema=true", "holds no EMA",
                  "dtype=bfloat16", "merge=true"]:
         assert part in msg, part
+
+
+def test_out_may_not_hold_the_base_model_or_the_checkpoint(tmp_path, tiny_sd3_dir):
+    ckpt, _ = make_checkpoint(tmp_path / "run", [*TINY_SD3, f"model.path={tiny_sd3_dir}"])
+    for out, what in [(tiny_sd3_dir, "the base model folder"), (tmp_path / "run", "the checkpoint")]:
+        with pytest.raises(ValueError, match=f"holds {what}"):
+            export(ExportConfig(checkpoint=str(ckpt), out=str(out), overwrite=True))
+    assert (tiny_sd3_dir / "model_index.json").is_file() and (ckpt / "policy.safetensors").is_file()
 
 
 def test_merge_dtype_sets_the_merged_weights_dtype(lora_run, tmp_path):
