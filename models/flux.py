@@ -61,11 +61,12 @@ def unpack(tokens: torch.Tensor, h: int, w: int) -> torch.Tensor:
 
 
 def image_ids(h: int, w: int, device, dtype) -> torch.Tensor:
-    """[h/2 * w/2, 3] positions of the packed tokens: (0, row, column), FLUX's rope axes."""
-    ids = torch.zeros(h // 2, w // 2, 3)
-    ids[..., 1] = torch.arange(h // 2)[:, None]
-    ids[..., 2] = torch.arange(w // 2)[None, :]
-    return ids.reshape(-1, 3).to(device=device, dtype=dtype)
+    """[h/2 * w/2, 3] positions of the packed tokens: (0, row, column), FLUX's rope axes.
+
+    Built on ``device`` directly: a host-to-device copy at every denoising step would be a sync point.
+    """
+    rows, cols = torch.meshgrid(torch.arange(h // 2, device=device), torch.arange(w // 2, device=device), indexing="ij")
+    return torch.stack([torch.zeros_like(rows), rows, cols], dim=-1).reshape(-1, 3).to(dtype)
 
 
 def check_folder(path: str, family: str, transformer_class: str, components: tuple[str, ...]) -> tuple[Path, dict]:

@@ -10,7 +10,7 @@ from family_checks import (
     PROMPTS, TOL, check_bf16, check_export, check_gradient_checkpointing, check_state_dict_round_trip, check_training_step,
     initial_latents, ode_sample, perturb_all, perturb_lora,
 )
-from models.flux import FluxPolicy, pack, unpack
+from models.flux import FluxPolicy, image_ids, pack, unpack
 from tiny_families import TINY_FAMILY_SIZE, build_tiny_flux, save_tiny
 
 T5_TOKENS = 16  # passed to both the policy and the pipeline; FLUX.1-dev's 512 would only be slower
@@ -55,6 +55,7 @@ def test_pack_is_the_pipelines_and_inverts():
     x = torch.randn(2, 4, 6, 8)
     assert torch.equal(pack(x), FluxPipeline._pack_latents(x, 2, 4, 6, 8))
     assert torch.equal(unpack(pack(x), 6, 8), x)
+    assert torch.equal(image_ids(6, 8, "cpu", torch.float32), FluxPipeline._prepare_latent_image_ids(2, 3, 4, "cpu", torch.float32))
 
 
 @pytest.mark.parametrize("size, guidance_scale", [(TINY_FAMILY_SIZE, GUIDANCE), (32, 1.5)])
