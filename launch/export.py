@@ -67,7 +67,11 @@ def _problems(cfg: ExportConfig) -> list[str]:
         from trainer.config import register
 
         register()  # the run's config.yaml may use ${sf.root:}
-        base = OmegaConf.load(ckpt / CONFIG_FILE).model.get("path")
+        model = OmegaConf.load(ckpt / CONFIG_FILE).model
+        base = model.get("path")
+        if model.get("finetune") == "full" and not cfg.merge:
+            p.append("the run fine-tuned every weight (model.finetune=full), so there is no LoRA to export: "
+                     "add merge=true for a full diffusers folder")
         protected = {"the base model folder (model.path)": Path(base)} if base else {}
         protected["the checkpoint"] = ckpt
         for what, path in protected.items():
@@ -220,7 +224,7 @@ def model_card(ckpt: Path, run_cfg, merge: bool, out: Path) -> str:
         f"| this export | {form} |",
         "| EMA | not enabled (the trainer keeps no EMA of the policy: these are the trained weights) |",
         f"| algorithm | `{algo_name}`: {_knobs(algo, skip=('_target_', 'name'))} |",
-        f"| aggregation | `{_short((cfg.get('aggregate') or {}).get('_target_', ''))}` |",
+        *([f"| aggregation | `{_short(cfg['aggregate']['_target_'])}` |"] if (cfg.get("aggregate") or {}).get("_target_") else []),
         f"| sampler | `{_short(sampler.get('_target_', ''))}`: {_knobs(sampler, skip=('_target_',))} |",
         f"| optimizer | `{_short((cfg.get('optimizer') or {}).get('_target_', ''))}`: {_knobs(cfg.get('optimizer') or {}, skip=('_target_', '_partial_'))} |",
         f"| steps | {step} of train.steps={total}, {cfg.get('data', {}).get('prompts_per_step')} prompts x "

@@ -81,8 +81,11 @@ def test_merged_export_is_a_full_folder_with_the_trained_transformer(lora_run, t
 
 def test_full_finetune_exports_merged_and_refuses_a_lora(tmp_path, tiny_sd3_dir):
     ckpt, policy = make_checkpoint(tmp_path / "run", [*TINY_SD3, f"model.path={tiny_sd3_dir}", "model.finetune=full"])
-    with pytest.raises(ValueError, match="merge=true"):
+    # Refused from the config, before the model loads; the adapter refuses too (export may be bypassed).
+    with pytest.raises(ValueError, match=r"model.finetune=full.*add merge=true"):
         export(ExportConfig(checkpoint=str(ckpt), out=str(tmp_path / "lora")))
+    with pytest.raises(ValueError, match="merge=true"):
+        policy.save_lora(tmp_path / "lora")
     assert not (tmp_path / "lora").exists() and not (tmp_path / ".lora.partial").exists()
     out = export(ExportConfig(checkpoint=str(ckpt), out=str(tmp_path / "full"), merge=True))
     pipe = _pipeline(out)
@@ -165,6 +168,24 @@ def test_non_empty_out_is_refused_and_kept_unless_overwrite(lora_run, tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()
     assert (export(ExportConfig(checkpoint=str(ckpt), out=str(empty))) / "README.md").is_file()
+
+
+def test_a_failed_export_leaves_the_old_out_and_no_partial_folder(lora_run, tmp_path, monkeypatch):
+    from models.sd3 import SD3Policy
+
+    ckpt, _ = lora_run
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "mine.txt").write_text("keep me")
+
+    def fail_midway(self, out_dir):
+        (out_dir / "pytorch_lora_weights.safetensors").write_bytes(b"half")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(SD3Policy, "save_lora", fail_midway)
+    with pytest.raises(OSError, match="disk full"):
+        export(ExportConfig(checkpoint=str(ckpt), out=str(out), overwrite=True))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"] and sorted(p.name for p in out.iterdir()) == ["mine.txt"]
 
 
 def test_every_argument_problem_is_reported_at_once_before_loading(tmp_path):
