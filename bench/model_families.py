@@ -1,6 +1,6 @@
 """Rollout and training throughput per model family, on tiny models of each family on this machine.
 
-    python bench/model_families.py [--images 8] [--repeats 3] [--families flux_1_dev qwen_image ...]
+    python bench/model_families.py [--images 8] [--steps 8] [--repeats 3] [--threads 1] [--families flux_1_dev ...]
 
 For each family in FAMILIES: save its tiny random diffusers folder (or use the shipped toy), build the
 policy from the family's model config the way the trainer does (``model=<config> model.path=<folder>``
@@ -11,7 +11,7 @@ plus toy-size knobs), then time (best of --repeats, round-robin over families af
                         with gradients and backpropagated, then one AdamW step (no DeepSpeed)
   transformer_calls_per_step  transformer calls per denoising step (2 with true CFG run as two calls, as
                         QwenImagePipeline does; SD3 batches its CFG pair into one call)
-Prints one JSON line per family. Numbers, not assertions; set OMP_NUM_THREADS (1 thread is the CI setting).
+Prints one JSON line per family. Numbers, not assertions; --threads sets torch's threads (default 1).
 
 Adding a family: one FAMILIES entry (its model config, a builder that writes a tiny diffusers folder or
 None for a shipped one, and its knobs at toy size).
@@ -124,6 +124,7 @@ def main(argv: list[str]) -> list[dict]:
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--families", nargs="*", default=list(FAMILIES), choices=list(FAMILIES))
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (1: the CI setting)")
     args = parser.parse_args(argv)
     sampler = FlowSDESampler(noise_level=0.7, num_steps=args.steps)
     pids, sids = torch.arange(args.images) % len(PROMPTS), torch.arange(args.images) // len(PROMPTS)
@@ -133,6 +134,8 @@ def main(argv: list[str]) -> list[dict]:
             policy = build_policy(FAMILIES[name], Path(tmp) / name)
             params = [p for p in policy.transformer.parameters() if p.requires_grad]
             runs[name] = (policy, torch.optim.AdamW(params, lr=1e-4), ForwardCounter(policy.transformer))
+        # Set after the builds: importing the test fixtures (tests/conftest.py) pins torch to 1 thread.
+        torch.set_num_threads(args.threads)
         best: dict[str, tuple[float, float, float]] = {}
         # Round-robin, best of --repeats: load from other processes slows every family alike.
         for rep in range(args.repeats + 1):  # round 0 warms up (allocations, the text-embedding cache)
@@ -153,6 +156,7 @@ def main(argv: list[str]) -> list[dict]:
         policy = runs[name][0]
         row = {
             "family": name, "model": FAMILIES[name].model_config, "size": policy.height, "images": args.images,
+            "threads": args.threads,
             "steps": args.steps, "guidance_scale": FAMILIES[name].guidance_scale, "transformer_calls_per_step": per_step,
             "transformer_params": sum(p.numel() for p in policy.transformer.parameters()),
             "trainable_params": sum(p.numel() for p in policy.transformer.parameters() if p.requires_grad),
