@@ -91,8 +91,8 @@ def _problems(cfg: ExportConfig) -> list[str]:
 def export(cfg: ExportConfig) -> Path:
     """Write the export described by ``cfg``; returns the ``out`` folder.
 
-    Raises ValueError listing every problem with the arguments before any model loads, and the
-    adapter's own ValueError when a full fine-tune is exported without merge=true.
+    Raises ValueError listing every problem with the arguments (including a full fine-tune without
+    merge=true) before any model loads. Whatever fails later leaves ``out`` as it was.
     """
     problems = _problems(cfg)
     if problems:
@@ -100,7 +100,7 @@ def export(cfg: ExportConfig) -> Path:
     from launch.sample import load_policy
 
     policy, run_cfg = load_policy(cfg.checkpoint, cfg.device, **({"dtype": cfg.dtype} if cfg.dtype else {}))
-    out = Path(cfg.out)
+    out = Path(cfg.out).resolve()  # resolved: "." or "dir/" still have a name for the sibling folders
     tmp = out.with_name(f".{out.name}.partial")
     shutil.rmtree(tmp, ignore_errors=True)  # a previous export stopped midway
     tmp.mkdir(parents=True)
