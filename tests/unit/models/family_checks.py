@@ -196,6 +196,8 @@ def check_bf16(policy, guidance_scale, tmp_path):
     dtypes = {p.dtype for n, p in policy.transformer.named_parameters() if "lora_" not in n}
     assert dtypes == {torch.bfloat16}
     assert all(p.dtype == torch.float32 for p in policy.transformer.parameters() if p.requires_grad)
+    encoders = [m for m in vars(policy).values() if isinstance(m, torch.nn.Module) and m is not policy.transformer]
+    assert len(encoders) >= 2 and all(p.dtype == torch.bfloat16 for m in encoders for p in m.parameters())
     sampler, chunks = check_rollout_log_probs(policy, guidance_scale)
     traj = chunks[0]
     assert torch.isfinite(traj.log_probs).all() and traj.latents.dtype == torch.float32
