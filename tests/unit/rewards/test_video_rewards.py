@@ -130,16 +130,17 @@ def test_moving_shape_reward_on_rendered_clips():
         prompt = toy.caption(spec)
         out = reward(clip, [prompt])
         assert out["reward"].tolist() == [1.0] and out["present"].tolist() == [1.0], prompt
-        torch.testing.assert_close(out["displacement"], torch.tensor([7 / 16]))  # 1 px per frame over 8 frames
+        travel = toy.SPEED * (toy.FRAMES - 1) / toy.SIZE  # in frame widths
+        torch.testing.assert_close(out["displacement"], torch.tensor([travel]))
         backwards = reward(clip.flip(1), [prompt])
         assert backwards["reward"].tolist() == [0.0]
-        torch.testing.assert_close(backwards["displacement"], torch.tensor([-7 / 16]))
+        torch.testing.assert_close(backwards["displacement"], torch.tensor([-travel]))
     red_left = toy.MotionSpec("red", "square", "left")
     clip = torch.from_numpy(toy.render(red_left, rng)).permute(0, 3, 1, 2).float()[None] / 255
     wrong_colour = reward(clip, ["a blue square moving left"])
     assert wrong_colour["present"].tolist() == [0.0] and wrong_colour["reward"].tolist() == [0.0]
     assert math.isnan(float(wrong_colour["displacement"]))
-    still = clip[:, :1].expand(1, 8, 3, 16, 16)
+    still = clip[:, :1].expand(1, toy.FRAMES, 3, toy.SIZE, toy.SIZE)
     assert reward(still, ["a red square moving left"])["reward"].tolist() == [0.0]
     with pytest.raises(ValueError, match="not a moving-shapes caption"):
         reward(clip, ["a red square"])
