@@ -154,6 +154,12 @@ class UNetPolicy:
         # s_t = sqrt(1 - abar_t) of every training timestep, fp32: sigmas() hands out entries of this table
         # and predict() maps them back to their timestep exactly.
         self._noise_table = (1 - self.scheduler.alphas_cumprod.float()).sqrt()
+        if float(self._noise_table[-1]) >= 1:
+            raise ValueError(
+                f"{folder}/scheduler has zero terminal SNR (alphas_cumprod reaches 0, e.g. rescale_betas_zero_snr=true): "
+                "the DDIM kernel's x0_hat = (x - s eps) / sqrt(abar) is undefined there; such checkpoints are not "
+                "supported yet"
+            )
         self.vae_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
         self.height = height or self.unet.config.sample_size * self.vae_factor
         self.width = width or self.unet.config.sample_size * self.vae_factor
