@@ -232,7 +232,7 @@ def test_a_video_model_exports_both_ways(tmp_path):
     merged = export(ExportConfig(checkpoint=str(ckpt), out=str(tmp_path / "merged"), merge=True))
     c = policy.transformer.config
     g = torch.Generator().manual_seed(0)
-    inputs = {"hidden_states": torch.randn(1, c.in_channels, 8, 16, 16, generator=g), "timestep": torch.tensor([500.0]),
+    inputs = {"hidden_states": torch.randn(1, c.in_channels, policy.num_frames, 16, 16, generator=g), "timestep": torch.tensor([500.0]),
               "encoder_hidden_states": torch.randn(1, 8, c.text_dim, generator=g)}
     pipe = WanPipeline.from_pretrained(folder, vae=None)  # the toy has no VAE (pixel space)
     trained = _assert_trained_not_base(policy, transformer_out(pipe.transformer, inputs), inputs)
