@@ -101,20 +101,22 @@ class WanPolicy:
         # Wan 2.2 TI2V-5B conditions every token on its own timestep (all equal in text-to-video).
         self.expand_timesteps = bool(index.get("expand_timesteps", False))
 
-        def component(name, required):
+        def component(name, required, dtype=self.dtype):
             spec = index.get(name)
             if not spec or spec[0] is None:
                 if required:
                     raise ValueError(f"{folder} has no {name!r} in model_index.json; a Wan folder needs one")
                 return None
-            return load_component(folder, name, spec, self.dtype)
+            return load_component(folder, name, spec, dtype)
 
         self.scheduler = component("scheduler", True)
         self._shift_overridden = flow_shift is not None
         if flow_shift is not None:
             key = "flow_shift" if "flow_shift" in self.scheduler.config else "shift"
             self.scheduler = type(self.scheduler).from_config(self.scheduler.config, **{key: float(flow_shift)})
-        self.vae = component("vae", False)
+        # The VAE stays fp32 even on GPU, as Wan's own examples load it: its decoded frames lose visible
+        # detail in bf16, and decoding once per sample costs little beside the denoising steps.
+        self.vae = component("vae", False, torch.float32)
         self.text_encoder = component("text_encoder", True)
         self.tokenizer = component("tokenizer", True)
         self.transformer = component("transformer", True)
