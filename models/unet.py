@@ -75,8 +75,10 @@ class UNetPolicy:
         VAE factor, as the pipelines default to: 512 for SD1.5, 1024 for SDXL).
       needs_reference, device: as for models.sd3.SD3Policy.
     Raises FileNotFoundError for a folder without model_index.json or a unet, ValueError for a
-    checkpoint the DDIM kernel cannot reproduce (clipped x0, unknown prediction type).
+    checkpoint the DDIM kernel cannot reproduce (clipped x0, zero terminal SNR, unknown prediction type).
     """
+
+    prediction = "epsilon"  # what predict() returns: the samplers' kernel.prediction it pairs with (sampler=ddim)
 
     def __init__(
         self,

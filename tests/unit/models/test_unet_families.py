@@ -100,6 +100,7 @@ def test_loads_the_family_from_its_folder(folders, family):
     assert policy.scheduler.config.prediction_type == "v_prediction"
     assert (policy.height, policy.width) == (SIZE, SIZE)  # the pipeline's default: sample_size x the VAE factor
     assert policy.transformer is policy.unet
+    assert policy.prediction == DDIMSampler.kernel.prediction == "epsilon"
     trainable = [n for n, p in policy.unet.named_parameters() if p.requires_grad]
     assert trainable and all("lora_" in n for n in trainable)
     assert {n.split(".")[-4] for n in trainable} == {"to_q", "to_k", "to_v", "0"}  # to_out.0
