@@ -101,20 +101,19 @@ def trained_rewards(ensemble) -> list[tuple[str, float, Callable]]:
 
 def weighted_reward(
     rewards: list[tuple[str, float, Callable]], images: torch.Tensor, prompts: list[str], meta: list[dict]
-) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """sum_i w_i R_i(images) [B] with gradients to ``images`` [B, 3, H, W], and each R_i [B] (detached).
+) -> torch.Tensor:
+    """sum_i w_i R_i(images) [B] with gradients to ``images`` [B, 3, H, W].
 
     The rewards are called directly: RewardEnsemble detaches the images.
     """
-    total, each = None, {}
+    total = None
     for name, weight, reward in rewards:
         out = reward(images, prompts, meta)
         r = (out["reward"] if isinstance(out, dict) else out).float().reshape(-1)
         if r.shape[0] != len(prompts):
             raise RuntimeError(f"reward {name!r} returned {r.shape[0]} scores for {len(prompts)} images")
-        each[name] = r.detach()
         total = weight * r if total is None else total + weight * r
-    return total, each
+    return total
 
 
 def decode_with_grad(policy, latents: torch.Tensor) -> torch.Tensor:
@@ -219,7 +218,8 @@ class RewardBackprop:
             p.append(f"algorithm.truncation ({cfg.truncation!r}) must be one of {TRUNCATIONS}")
         steps = train_cfg.sampler.num_steps - train_cfg.sampler.start_step
         if not 1 <= cfg.last_k <= steps:
-            p.append(f"algorithm.last_k ({cfg.last_k}) must be in 1..{steps} (the sampler's steps, sampler.num_steps)")
+            p.append(f"algorithm.last_k ({cfg.last_k}) must be in 1..{steps}, the steps of a rollout "
+                     "(sampler.num_steps - sampler.start_step)")
         if not cfg.loss_scale > 0:
             p.append(f"algorithm.loss_scale ({cfg.loss_scale}) must be > 0")
         aggregate = _target_of(train_cfg.aggregate)
@@ -253,7 +253,7 @@ class RewardBackprop:
                 traj, rows = batch.chunks[ci], slice(ci * mb, (ci + 1) * mb)
                 final = replay(chain, ctx.predict, traj, conds[ci], S - k, noises[ci], c.checkpointing)[:, -1]
                 images = decode_with_grad(ctx.policy, final)
-                total, _ = weighted_reward(rewards, images, batch.prompts[rows], batch.meta[rows])
+                total = weighted_reward(rewards, images, batch.prompts[rows], batch.meta[rows])
                 loss = -c.loss_scale * total.mean()
                 # replay_dev: how far the re-run sample is from the rollout's (0 for an ODE rollout until
                 # the first optimizer step; grows as the policy moves).

@@ -293,5 +293,5 @@ def test_config_rejects_a_trained_nondifferentiable_reward_and_bad_knobs():
     problems = err.value.problems
     assert any("rewards.jpeg (rewards.jpeg.JpegCompressibility) is not differentiable" in p and "rewards.jpeg.weight=0" in p
                for p in problems), problems
-    for key in ("algorithm.truncation", "algorithm.last_k (11) must be in 1..10", "algorithm.loss_scale", "aggregate"):
+    for key in ("algorithm.truncation", "algorithm.last_k (11) must be in 1..10, the steps of a rollout", "algorithm.loss_scale", "aggregate"):
         assert any(key in p for p in problems), (key, problems)
