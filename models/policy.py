@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from contextlib import AbstractContextManager
+from pathlib import Path
 from typing import Protocol
 
 import torch
@@ -14,7 +15,13 @@ class Policy(Protocol):
     images [B, 3, H, W] (or [B, F, 3, H, W] for video) in [0, 1].
     """
 
-    transformer: torch.nn.Module  # the trainable network (LoRA-wrapped or full)
+    transformer: torch.nn.Module  # the trainable network (LoRA-wrapped or full; a UNet for SD1.x/SDXL)
+    # What predict() returns: "velocity" (flow matching: SD3, FLUX, Qwen-Image, Wan; the default when an
+    # adapter does not say) or "epsilon" (SD1.x/SDXL). It must equal the sampler kernel's `prediction`.
+    prediction: str
+    height: int  # default generation size (the loop and launch.sample read them)
+    width: int
+    device: torch.device
 
     def encode(self, prompts: list[str]) -> object: ...
 
@@ -31,3 +38,16 @@ class Policy(Protocol):
     def trainable_state_dict(self) -> dict[str, torch.Tensor]: ...
 
     def load_trainable_state_dict(self, state: dict[str, torch.Tensor]) -> None: ...
+
+    def save_lora(self, out_dir: str | Path) -> Path:
+        """Write the trained LoRA in diffusers' format into out_dir (pytorch_lora_weights.safetensors with the
+        LoraConfig as metadata, so rank/alpha come back): <Pipeline>.from_pretrained(base).load_lora_weights(out_dir)
+        then computes what this policy computes. Returns out_dir. Raises ValueError for a full fine-tune
+        (no adapter; name merge=true)."""
+        ...
+
+    def save_merged(self, out_dir: str | Path) -> Path:
+        """Write a complete diffusers folder into out_dir (new or empty): the base folder's other components
+        and the trained network (LoRA merged in, or the full fine-tune), so <Pipeline>.from_pretrained(out_dir)
+        loads the trained model. Does not modify the policy. Returns out_dir."""
+        ...

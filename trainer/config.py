@@ -228,6 +228,18 @@ def _sampler_problems(s: SamplerConfig, needs_log_probs: bool) -> list[str]:
     return p
 
 
+def check_prediction(policy, sampler) -> None:
+    """The policy must predict what the sampler's kernel consumes (velocity or epsilon); a mismatch would
+    sample garbage without any error. Raises ValueError naming both and the fix."""
+    kernel = getattr(sampler, "kernel", None)
+    wanted = getattr(kernel, "prediction", "velocity")  # the ODE sampler integrates velocity
+    given = getattr(policy, "prediction", "velocity")
+    if wanted != given:
+        fix = "sampler=ddim" if given == "epsilon" else "sampler=flow_sde (or dance_sde, cps, ode)"
+        raise ValueError(f"the model ({type(policy).__name__}) predicts {given}, but the sampler "
+                         f"({type(sampler).__name__}) needs {wanted}: use {fix}")
+
+
 def validate(cfg: TrainConfig, world_size: int) -> None:
     """Check rules that span fields before any heavy work; raise ConfigError listing all violations."""
     p: list[str] = []

@@ -24,7 +24,7 @@ from trainer.algorithms.base import Algorithm, Batch, Context, Stepper
 from trainer.checkpoint import (
     ALGORITHM_STATE_FILE, ENGINE_TAG, REWARDS_STATE_FILE, fault_point, load_rank_rng, save_checkpoint, set_rng_state,
 )
-from trainer.config import TrainConfig
+from trainer.config import TrainConfig, check_prediction
 from trainer.distributed import World, all_reduce_max, global_nanmean
 from trainer.engine import build_engine, optimizer_step
 from trainer.preemption import Preempted, StopRequests
@@ -94,6 +94,7 @@ def train(
     policy = instantiate(cfg.model, device=str(world.device),
                          needs_reference=algorithm.needs_reference() or cfg.data.clean_source == "base")
     sampler: Sampler = instantiate(asdict(cfg.sampler))
+    check_prediction(policy, sampler)
     eval_sampler = sampler.evaluation()
     if cfg.data.eval_size:
         eval_prompts = eval_prompts[: cfg.data.eval_size]

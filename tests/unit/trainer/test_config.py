@@ -331,3 +331,23 @@ def test_the_default_job_scores_with_every_offline_preset():
         cfg = _compose([f"rewards={preset}"])
         result = RewardEnsemble(OmegaConf.to_container(cfg.rewards))(images, [caption(3), caption(7)])
         assert result.total.shape == (2,) and torch.isfinite(result.total).all(), preset
+
+
+def test_a_model_and_a_sampler_that_predict_different_things_are_refused():
+    """SD1.x/SDXL predict epsilon; the flow samplers integrate velocity: sampling would silently be wrong."""
+    from types import SimpleNamespace
+
+    from samplers.ddim import DDIMSampler
+    from samplers.flow_sde import FlowSDESampler
+    from samplers.ode import ODESampler
+    from trainer.config import check_prediction
+
+    unet, flow = SimpleNamespace(prediction="epsilon"), SimpleNamespace()  # an adapter that says nothing: velocity
+    with pytest.raises(ValueError, match="predicts epsilon, but the sampler .*FlowSDESampler.* needs velocity: use sampler=ddim"):
+        check_prediction(unet, FlowSDESampler(noise_level=0.7))
+    with pytest.raises(ValueError, match="predicts epsilon.*ODESampler"):
+        check_prediction(unet, ODESampler())
+    with pytest.raises(ValueError, match="predicts velocity, but the sampler .*DDIMSampler.* needs epsilon: use sampler=flow_sde"):
+        check_prediction(flow, DDIMSampler(noise_level=1.0))
+    check_prediction(unet, DDIMSampler(noise_level=1.0))
+    check_prediction(flow, FlowSDESampler(noise_level=0.7))
