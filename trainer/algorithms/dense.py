@@ -144,9 +144,10 @@ def turning_point_rewards(values: torch.Tensor, stochastic: torch.Tensor, balanc
       step 1 is a turning point when sign(d_1) = sign(V_S - V_{j_1+1}) != 0: what follows continues its move;
       step k > 1 when sign(d_{k-1}) = -sign(D) and sign(d_k) = sign(D) (it flips the local trend back to the
         overall one) and sign(V_S - V_{j_k+1}) = sign(d_k) (what follows continues it).
-    Turning points get L_k instead of d_k. ``balance``: when turning points of both signs of L exist in the
-    batch, only the min(#rising, #falling) largest |L| of each sign stay turning points (ties: lower flat
-    index first); the others get d_k again.
+    Turning points get L_k instead of d_k (sign(L_k) = sign(D) at every turning point). ``balance``: when the
+    batch has turning points of both signs, only min(#rising, #falling) of each sign stay turning points, those
+    of the samples with the largest |D| (as the authors' released code ranks them; ties: lower flat index
+    first); the others get d_k again.
     Returns (rewards [N, S], NaN off the stochastic steps; turning-point mask [N, S] bool).
     """
     S = values.shape[1] - 1
@@ -161,7 +162,7 @@ def turning_point_rewards(values: torch.Tensor, stochastic: torch.Tensor, balanc
     turning = continued.clone()
     turning[:, 1:] &= (agreeing[:, :-1] < 0) & (agreeing[:, 1:] > 0)
     if balance:
-        turning = _balanced(turning, agg)
+        turning = _balanced(turning, (final - before[:, :1]).expand_as(agg))
     rewards = torch.full((values.shape[0], S), float("nan"))
     mask = torch.zeros(values.shape[0], S, dtype=torch.bool)
     rewards[:, steps] = torch.where(turning, agg, d)
@@ -169,9 +170,9 @@ def turning_point_rewards(values: torch.Tensor, stochastic: torch.Tensor, balanc
     return rewards, mask
 
 
-def _balanced(turning: torch.Tensor, agg: torch.Tensor) -> torch.Tensor:
-    """Keep min(#positive, #negative) turning points of each sign of ``agg``, largest |agg| first."""
-    flat, vals = turning.flatten(), agg.flatten()
+def _balanced(turning: torch.Tensor, score: torch.Tensor) -> torch.Tensor:
+    """Keep min(#positive, #negative) turning points of each sign of ``score``, largest |score| first."""
+    flat, vals = turning.flatten(), score.flatten()
     pos = (flat & (vals > 0)).nonzero().flatten()
     neg = (flat & (vals < 0)).nonzero().flatten()
     if len(pos) == 0 or len(neg) == 0:

@@ -96,28 +96,34 @@ TP_VALUES = torch.tensor([
     [0.0, -1.0, 0.5, 0.0, -1.0],
     # monotone: only step 0 (V4 - V1 = 3 continues it), L = 4.
     [0.0, 1.0, 2.0, 3.0, 4.0],
+    # d = [-4, 5, .6, .4], trend + (D = 2); step 1 flips step 0 back and V4 - V2 = 1 continues it: L = V4 - V1 = 6.
+    [0.0, -4.0, 1.0, 1.6, 2.0],
 ])
 
 
 def test_turning_points_receive_the_aggregated_long_term_reward():
     rewards, turning = turning_point_rewards(TP_VALUES, torch.ones(4, dtype=torch.bool), balance=False)
-    assert turning.tolist() == [[True, False, True, False], [False, False, True, False], [True, False, False, False]]
+    assert turning.tolist() == [[True, False, True, False], [False, False, True, False], [True, False, False, False],
+                                [False, True, False, False]]
     torch.testing.assert_close(rewards, torch.tensor([
         [2.0, -0.5, 1.5, 0.5],
         [-1.0, 1.5, -1.5, -1.0],
         [4.0, 1.0, 1.0, 1.0],
+        [-4.0, 6.0, 0.6, 0.4],
     ]))
 
 
 def test_balancing_keeps_as_many_rising_as_falling_turning_points_largest_first():
-    # Turning points: L = 2 (row 0 step 0), 1.5 (row 0 step 2), 4 (row 2 step 0) rising; -1.5 (row 1 step 2) falling.
-    # One of each sign stays: the falling one and the largest rising one (4); row 0 falls back to its increments.
+    # Rising turning points: rows 0 (twice, D = 2), 2 (D = 4) and 3 (D = 2, though its L = 6 is the largest);
+    # falling: row 1 (D = -1). One of each sign stays: row 1's and row 2's (largest |D|); rows 0 and 3 fall back to
+    # their increments.
     rewards, turning = turning_point_rewards(TP_VALUES, torch.ones(4, dtype=torch.bool), balance=True)
-    assert turning.tolist() == [[False] * 4, [False, False, True, False], [True, False, False, False]]
+    assert turning.tolist() == [[False] * 4, [False, False, True, False], [True, False, False, False], [False] * 4]
     torch.testing.assert_close(rewards, torch.tensor([
         [1.0, -0.5, 1.0, 0.5],
         [-1.0, 1.5, -1.5, -1.0],
         [4.0, 1.0, 1.0, 1.0],
+        [-4.0, 5.0, 0.6, 0.4],
     ]))
     # One-sided batch (only rising turning points): nothing to balance against, all kept.
     _, one_sided = turning_point_rewards(TP_VALUES[[0, 2]], torch.ones(4, dtype=torch.bool), balance=True)
