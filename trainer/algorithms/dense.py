@@ -213,10 +213,17 @@ def _ratio_update(cfg, batch: Batch, ctx: Context, adv: torch.Tensor) -> None:
     ratio_updates(batch, ctx, adv, cfg.inner_epochs, cfg.timestep_fraction, cfg.kl_beta, step_loss)
 
 
-def _completion_problems(cfg) -> list[str]:
+def _dense_reward_problems(cfg, train_cfg) -> list[str]:
+    """Rules of the clean-image rewards (DenseGRPO, TP-GRPO): a known completion, and the ensemble's weighted
+    total as the reward, so another aggregation (which these step rewards would not read) is an error."""
+    p = []
     if cfg.completion not in COMPLETIONS:
-        return [f"algorithm.completion ({cfg.completion!r}) must be one of {list(COMPLETIONS)}"]
-    return []
+        p.append(f"algorithm.completion ({cfg.completion!r}) must be one of {list(COMPLETIONS)}")
+    target = (train_cfg.aggregate or {}).get("_target_")
+    if target != "rewards.aggregate.WeightedSum":
+        p.append(f"aggregate ({target}) is not read by algorithm={type(cfg).__name__.removesuffix('Config')}: its step "
+                 "rewards are the ensemble's weighted total of each clean image; use aggregate=weighted_sum")
+    return p
 
 
 def _no_state(name: str, state: dict) -> None:
@@ -236,7 +243,7 @@ class DenseGRPO:
 
     @classmethod
     def problems(cls, cfg: DenseGRPOConfig, train_cfg, world_size: int) -> list[str]:
-        return GRPO.problems(cfg, train_cfg, world_size) + _completion_problems(cfg)
+        return GRPO.problems(cfg, train_cfg, world_size) + _dense_reward_problems(cfg, train_cfg)
 
     def needs_reference(self) -> bool:
         return self.cfg.kl_beta > 0
@@ -283,7 +290,7 @@ class TPGRPO:
 
     @classmethod
     def problems(cls, cfg: TPGRPOConfig, train_cfg, world_size: int) -> list[str]:
-        return GRPO.problems(cfg, train_cfg, world_size) + _completion_problems(cfg)
+        return GRPO.problems(cfg, train_cfg, world_size) + _dense_reward_problems(cfg, train_cfg)
 
     def needs_reference(self) -> bool:
         return self.cfg.kl_beta > 0

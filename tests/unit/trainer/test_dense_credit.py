@@ -283,6 +283,8 @@ def test_bad_completion_and_knobs_of_another_algorithm_are_errors():
         validate(_cfg("algorithm=dense_grpo", "algorithm.completion=exact"), 1)
     with pytest.raises(ConfigError, match=r"algorithm.completion"):
         validate(_cfg("algorithm=tp_grpo", "algorithm.completion=two_step"), 1)
+    with pytest.raises(ConfigError, match=r"aggregate \(rewards.aggregate.Pareto\) is not read by algorithm=TPGRPO"):
+        validate(_cfg("algorithm=tp_grpo", "aggregate=pareto"), 1)
     with pytest.raises(HydraException):  # dual_grpo's knob is not in dense_grpo's schema: a compose-time error
         _cfg("algorithm=dense_grpo", "algorithm.process_weight=0.5")
     with pytest.raises(HydraException):
