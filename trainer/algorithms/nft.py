@@ -110,10 +110,12 @@ class NFT:
         check_group_knobs(cfg, p)
         if cfg.beta <= 0:
             p.append(f"algorithm.beta ({cfg.beta}) must be > 0")
-        steps = train_cfg.sampler.num_steps
+        s = train_cfg.sampler
+        steps = s.num_steps - s.start_step  # a partial chain's trajectory holds only its own steps
         if not 1 <= cfg.timesteps_per_sample <= steps:
             p.append(f"algorithm.timesteps_per_sample ({cfg.timesteps_per_sample}) must be in [1, sampler.num_steps "
-                     f"({steps})]: noise levels are drawn without replacement from the rollout's schedule")
+                     f"({s.num_steps}) - sampler.start_step ({s.start_step})]: noise levels are drawn without "
+                     "replacement from the rollout's schedule")
         if cfg.ema_ramp < 0 or not 0 <= cfg.ema_max < 1:
             p.append(f"algorithm.ema_ramp ({cfg.ema_ramp}) must be >= 0 and algorithm.ema_max ({cfg.ema_max}) in [0, 1)")
         if train_cfg.deepspeed.zero_stage == 3:
