@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 import sys
 
-from jobs import ROOT, SMALL, run, step_rows, train
+import pytest
+
+from jobs import ROOT, SMALL, Torchrun, run, step_rows, train
 
 RAISE = ["train.steps=8", "algorithm.timestep_fraction=1.0"]
 
@@ -24,7 +26,9 @@ def _check_rows(rows: list[dict]) -> None:
 def test_grpo_guard_raises_the_reward_it_is_trained_on(tmp_path):
     rows = train(tmp_path, "algorithm=grpo_guard", "algorithm.kl_beta=0", *RAISE)
     _check_rows(rows)
-    assert all(r["train/ratio_bias"] >= 0 for r in step_rows(rows))
+    # One optimizer step per iteration: every micro-step is on-policy, so the rollout mean rebuilt from x0_hat
+    # must equal the recomputed mean (bias ~ rounding^2 / s^2); a wrong inversion of x0_hat gives O(1).
+    assert max(r["train/ratio_bias"] for r in step_rows(rows)) < 1e-8
     before, after = _jpeg_gain(tmp_path)
     # Measured: -1.205 -> -1.071 (GRPO in the same setting: -1.166); a sign error gives a fall.
     assert after > before + 0.05, (before, after)
@@ -71,3 +75,16 @@ def test_ddpo_tracker_survives_a_resume(tmp_path):
     share = {r["step"]: r["train/tracker_batch_stats_frac"] for r in step_rows(
         [json.loads(line) for line in (straight / "metrics.jsonl").read_text().splitlines()])}
     assert share[1] == 1.0 and share[2] < 1.0, share
+
+
+def test_prdp_groups_spanning_ranks_give_the_single_process_update(tmp_path):
+    """4 prompts x 6 samples on 2 ranks of 12: the second and third prompts' pairs span the ranks. The gathered
+    loss, its pairs and the summed gradient (DeepSpeed averages over ranks and micro-steps; PRDP's surrogate
+    undoes both) equal one process's."""
+    shape = ["algorithm=prdp", "algorithm.kl_beta=0.01", "algorithm.group_size=6", "train.micro_batch=4",
+             "train.steps=1"]
+    one = step_rows(train(tmp_path / "one", *shape))[0]
+    two = step_rows(train(tmp_path / "two", *shape, launcher=Torchrun(2)))[0]
+    assert two["train/onpolicy_log_ratio_max"] == 0.0 and two["train/pairs"] == one["train/pairs"] > 0
+    for key in ("reward/total", "train/loss", "train/rdp_mse", "train/grad_norm"):
+        assert two[key] == pytest.approx(one[key], rel=1e-5), key
