@@ -259,7 +259,8 @@ scored by `rewards/video.py` MovingShapeReward (the asked colour present and mov
 - colour present in a frame: {metrics['eval/motion/present']:.3f}
 - mean travel along the asked direction: {metrics['eval/motion/displacement']:.3f} frame widths (the data: {SPEED * (FRAMES - 1) / SIZE:.3f})
 
-It is deliberately imperfect, so that RL has room to improve it. `samples.gif`: the held-out samples.
+It is imperfect (compare the accuracy with chance and the travel with the data's), which leaves RL room.
+`samples.gif`: the held-out samples.
 """
     (dest / "README.md").write_text(card)
     return metrics
