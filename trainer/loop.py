@@ -240,7 +240,9 @@ def train(
 
         metrics = global_nanmean(_reward_values(scored))
         # Where this iteration's noise went (moves with sliding and random windows), in chain steps.
-        metrics["sampler/first_stochastic_step"] = sampler.start_step + int(chunks[0].stochastic[0].nonzero()[0])
+        first = chunks[0].stochastic[0].nonzero()
+        if len(first):  # a deterministic rollout (sampler=ode, for forward-process or reward-backprop methods) has none
+            metrics["sampler/first_stochastic_step"] = sampler.start_step + int(first[0])
         if sampler.needs_step_rewards:
             # Reward-aware noise calibration: the share of samples (over all ranks, so every rank's
             # sampler stays identical) whose clean-prediction reward rose over each stochastic step.
