@@ -5,26 +5,12 @@ from __future__ import annotations
 
 import json
 import math
-import sys
 from pathlib import Path
 
 import pytest
 
-from jobs import run, step_rows
-
-# The shapes toy with its JPEG-compressibility reward, sized like jobs.SMALL, spelled out without an
-# experiment file (an experiment pins its own algorithm's knobs).
-SHAPES = [
-    "~experiment", "+reward@rewards.jpeg=jpeg_compressibility", "+reward@eval_rewards.geneval=shapes_correct",
-    "sampler.num_steps=8", "sampler.eval_num_steps=8", "sampler.guidance_scale=1.0", "optimizer.lr=3e-3",
-    "data.prompts_per_step=4", "algorithm.group_size=4", "train.micro_batch=8", "data.eval_size=16",
-    "logger=none", "train.progress=false", "train.num_threads=1", "train.eval_batch=8",
-]
-
-
-def _train(run_dir: Path, *overrides: str) -> list[dict]:
-    run([sys.executable, "-m", "launch.train", f"run_dir={run_dir}", *SHAPES, *overrides])
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+# jobs.train runs the SMALL shapes-toy job (JPEG compressibility trained, 4 prompts x 4 samples) with overrides.
+from jobs import step_rows, train
 
 
 def _jpeg_before_after(run_dir: Path) -> tuple[float, float]:
@@ -39,7 +25,7 @@ NFT_STEPS = ["algorithm=nft", "train.steps=4"]
 def nft_run(tmp_path_factory) -> tuple[Path, list[dict]]:
     """Four uninterrupted DiffusionNFT steps (shared by the reward and the resume tests)."""
     d = tmp_path_factory.mktemp("nft")
-    return d, _train(d, *NFT_STEPS)
+    return d, train(d, *NFT_STEPS)
 
 
 def test_nft_raises_the_reward_it_is_trained_on(nft_run):
@@ -59,7 +45,7 @@ def test_dpo_raises_the_reward_it_is_trained_on(tmp_path):
     """Eight online DPO steps on every in-group pair raise the held-out JPEG reward; the first loss is
     exactly log 2 (LoRA starts as the identity, so the policy IS the reference), which a reference
     forward that silently used the policy would keep forever."""
-    rows = _train(tmp_path, "algorithm=dpo", "algorithm.pairs=all", "algorithm.beta=50", "train.steps=8")
+    rows = train(tmp_path, "algorithm=dpo", "algorithm.pairs=all", "algorithm.beta=50", "train.steps=8")
     before, after = _jpeg_before_after(tmp_path)
     # Measured: -1.205 -> -1.164.
     assert after > before + 0.02, (before, after)
@@ -78,7 +64,7 @@ def test_nft_two_steps_then_resumed_to_four_equals_four_straight(nft_run, tmp_pa
     """The old policy (an EMA that also samples) is checkpointed: 2 steps, then the same command with
     train.steps=4, logs exactly what 4 uninterrupted steps log (a lost or re-initialised EMA changes the
     rollouts of steps 3 and 4)."""
-    _train(tmp_path, "algorithm=nft", "train.steps=2")
-    resumed = _train(tmp_path, *NFT_STEPS)
+    train(tmp_path, "algorithm=nft", "train.steps=2")
+    resumed = train(tmp_path, *NFT_STEPS)
     assert [r["step"] for r in step_rows(resumed)] == [1, 2, 3, 4]
     assert _comparable(resumed) == _comparable(nft_run[1])

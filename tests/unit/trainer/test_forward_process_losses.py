@@ -224,9 +224,8 @@ def test_velocity_error_by_hand():
 
 
 # --- config validation ------------------------------------------------------------------------------
-# The shapes toy without an experiment file (experiments may pin another algorithm's knobs).
-BASE = ["~experiment", "+reward@rewards.jpeg=jpeg_compressibility", "sampler.num_steps=8", "data.prompts_per_step=4",
-        "algorithm.group_size=4", "train.micro_batch=8"]
+# The shapes toy (8 sampling steps), sized like the integration jobs.
+BASE = ["experiment=toy_shapes", "data.prompts_per_step=4", "algorithm.group_size=4", "train.micro_batch=8"]
 
 
 def _typed(*overrides):
