@@ -151,7 +151,7 @@ def save(components: dict, folder: str | Path) -> Path:
     return folder
 
 
-def pretrain(out: Path, steps: int = 600, batch: int = 32, lr: float = 2e-3, seed: int = 0, cond_dropout: float = 0.1,
+def pretrain(out: Path, steps: int = 1000, batch: int = 32, lr: float = 2e-3, seed: int = 0, cond_dropout: float = 0.1,
              eval_every: int = 200, eval_steps: int = 8, init_from: Path | None = None, log=print) -> list[dict]:
     """Flow-matching pre-training on rendered clips of the training captions (text encoder frozen, random).
 
