@@ -275,7 +275,6 @@ def test_each_algorithm_is_one_override_with_its_own_schema(name, cls):
     assert cfg.algorithm._target_ == f"trainer.algorithms.dense.{cls}"
     assert type(cfg.algorithm).__name__ == f"{cls}Config"
     validate(cfg, 1)
-    assert cfg.algorithm.clip_range == 1.0e-3  # the experiment's GRPO knobs still apply
 
 
 def test_bad_completion_and_knobs_of_another_algorithm_are_errors():
