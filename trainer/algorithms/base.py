@@ -32,6 +32,20 @@ class AlgorithmConfig:
     max_grad_norm: float = 1.0  # gradient clipping (DeepSpeed)
 
 
+def flow_only_problem(train_cfg: Any, algorithm: str) -> list[str]:
+    """[message] when the sampler (hence the model: see trainer.config.check_prediction) is not a
+    flow-matching one; for algorithms that noise clean samples with the rectified-flow forward process
+    x_t = (1 - t) x0 + t noise and regress velocities, which is wrong for epsilon (VP) models."""
+    from hydra.utils import get_class
+
+    kernel = getattr(get_class(train_cfg.sampler._target_), "kernel", None)
+    if getattr(kernel, "prediction", "velocity") != "velocity":
+        return [f"algorithm={algorithm} trains flow-matching (velocity) models with the rectified-flow forward "
+                f"process; {train_cfg.sampler._target_} samples an epsilon (VP) model, which it does not support: "
+                "use algorithm=ddpo, grpo or grpo_guard for SD1.x/SDXL"]
+    return []
+
+
 @dataclass
 class Batch:
     """One iteration's scored rollouts on this rank (N_local samples in chunks of train.micro_batch).

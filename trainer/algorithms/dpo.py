@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from trainer.advantages import distributed_advantages
-from trainer.algorithms.base import AlgorithmConfig, Batch, Context
+from trainer.algorithms.base import AlgorithmConfig, Batch, Context, flow_only_problem
 from trainer.distributed import all_gather_cat
 
 
@@ -106,7 +106,7 @@ class DPO:
 
     @classmethod
     def problems(cls, cfg: DPOConfig, train_cfg, world_size: int) -> list[str]:
-        p: list[str] = []
+        p: list[str] = flow_only_problem(train_cfg, "dpo")
         if cfg.pairs not in PAIRS:
             p.append(f"algorithm.pairs ({cfg.pairs!r}) must be one of {list(PAIRS)}")
         if cfg.std_scope not in ("group", "global"):

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
-from trainer.algorithms.base import AlgorithmConfig, Batch, Context
+from trainer.algorithms.base import AlgorithmConfig, Batch, Context, flow_only_problem
 from trainer.algorithms.grpo import check_group_knobs, group_advantages
 
 
@@ -106,7 +106,7 @@ class NFT:
 
     @classmethod
     def problems(cls, cfg: NFTConfig, train_cfg, world_size: int) -> list[str]:
-        p: list[str] = []
+        p: list[str] = flow_only_problem(train_cfg, "nft")
         check_group_knobs(cfg, p)
         if cfg.beta <= 0:
             p.append(f"algorithm.beta ({cfg.beta}) must be > 0")

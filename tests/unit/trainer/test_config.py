@@ -351,3 +351,10 @@ def test_a_model_and_a_sampler_that_predict_different_things_are_refused():
         check_prediction(flow, DDIMSampler(noise_level=1.0))
     check_prediction(unet, DDIMSampler(noise_level=1.0))
     check_prediction(flow, FlowSDESampler(noise_level=0.7))
+
+
+@pytest.mark.parametrize("algorithm", ["nft", "dpo"])
+def test_forward_process_algorithms_refuse_epsilon_models(algorithm):
+    """nft and dpo noise clean samples with the rectified-flow process: an SD1.x/SDXL (DDIM) run is refused."""
+    with pytest.raises(ConfigError, match=f"algorithm={algorithm} trains flow-matching .* use algorithm=ddpo"):
+        validate(_typed([f"algorithm={algorithm}", "sampler=ddim", "sampler.noise_level=1.0"]), 1)
