@@ -28,8 +28,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # trainer.plots, when run as a script
 
-# name -> overrides (besides the common ones). Everything not listed is the default job's (conf/
-# experiment/toy_digits.yaml) or the algorithm config's default.
+# name -> overrides (besides the common ones). Each algorithm's own knobs for this toy live in
+# conf/tuning/toy_digits_<algorithm>.yaml (picked up automatically); the rest is the default job's.
 RUNS: dict[str, list[str]] = {
     "grpo": ["algorithm=grpo"],
     # MixGRPO's sliding window: 2 of 8 steps stochastic and trained (Euler outside it, so the evaluation
@@ -40,10 +40,11 @@ RUNS: dict[str, list[str]] = {
     "dense_grpo": ["algorithm=dense_grpo"],
     "tp_grpo": ["algorithm=tp_grpo"],
     "dual_grpo": ["algorithm=dual_grpo"],
-    "nft": ["algorithm=nft"],
-    "dpo": ["algorithm=dpo"],
     "prdp": ["algorithm=prdp"],
-    "reward_backprop": ["algorithm=reward_backprop"],
+    # Forward-process and reward-gradient methods need no log-probs: they roll out with the ODE.
+    "nft": ["algorithm=nft", "sampler=ode"],
+    "dpo": ["algorithm=dpo", "sampler=ode"],
+    "reward_backprop": ["algorithm=reward_backprop", "sampler=ode"],
 }
 COMMON = ["experiment=toy_digits", "logger=none", "train.progress=false", "train.save_every=0", "train.grid_every=0"]
 SCORE = "eval/accuracy"
