@@ -189,7 +189,7 @@ def train(
 
     if resume.step == 0:
         run_eval(0)
-    bar = tqdm(total=tcfg.steps, initial=resume.step, desc="grpo", disable=not (world.is_main and tcfg.progress),
+    bar = tqdm(total=tcfg.steps, initial=resume.step, desc=type(algorithm).__name__.lower(), disable=not (world.is_main and tcfg.progress),
                dynamic_ncols=True)
     for step in range(resume.step, tcfg.steps):
         t0 = time.time()
