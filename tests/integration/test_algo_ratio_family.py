@@ -77,6 +77,7 @@ def test_ddpo_tracker_survives_a_resume(tmp_path):
     assert share[1] == 1.0 and share[2] < 1.0, share
 
 
+@pytest.mark.slow  # two launches, one of two processes: run with `make test-all`
 def test_prdp_groups_spanning_ranks_give_the_single_process_update(tmp_path):
     """4 prompts x 6 samples on 2 ranks of 12: the second and third prompts' pairs span the ranks. The gathered
     loss, its pairs and the summed gradient (DeepSpeed averages over ranks and micro-steps; PRDP's surrogate

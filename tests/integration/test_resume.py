@@ -104,6 +104,7 @@ def test_sigterm_mid_iteration_saves_at_the_step_boundary_and_resumes_exactly(re
     assert "already complete" in launch(tmp_path).stdout
 
 
+@pytest.mark.slow  # about a minute: run with `make test-all`
 def test_random_sigkills_and_an_external_sigterm_never_break_the_run(reference, tmp_path):
     """kill -9 at random moments (seeded), then a SIGTERM from outside; each relaunch continues."""
     rng = random.Random(1234)
@@ -208,6 +209,7 @@ def test_two_processes_resume_exactly(tmp_path):
     assert_same_run(tmp_path / "ref", tmp_path / "cut")
 
 
+@pytest.mark.slow  # about a minute: run with `make test-all`
 def test_zero2_run_on_two_processes_resumes_on_one_through_a_universal_checkpoint(tmp_path):
     two = tmp_path / "two"
     launch(two, "deepspeed=zero2", "train.steps=2", launcher=TORCHRUN)
