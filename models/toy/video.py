@@ -1,20 +1,21 @@
 """The video toy: a coloured shape moving left, right, up or down, and a tiny pixel-space Wan model of it.
 
-World: clips of ``FRAMES`` (4) frames of ``SIZE`` x ``SIZE`` (16) pixels, black background; one square or
+World: clips of ``FRAMES`` (4) frames of ``SIZE`` x ``SIZE`` (20) pixels, black background; one square or
 circle of side ``SIDE`` (4) in one of the shapes world's four colours moves ``SPEED`` (4) pixels per frame
-in the prompt's direction, from the edge it leaves (along the motion) and a random offset across it.
-The step equals the transformer's patch size: a first pre-training with 1-px steps across 4-px patches
-(8 frames) learnt colours and shapes but, within 800 steps of 32 clips, no coherent motion; a patch-sized
-step makes frame f+1 the token grid of frame f shifted by one token, which attention with 3-D RoPE can
-express directly. Prompts read
+in the prompt's direction, from a random start that keeps it inside every frame.
+Why these numbers: Wan has no absolute position embedding (3-D RoPE is relative), so a clip must be
+defined by relations between frames, not by where it sits; and a step of exactly one 4-px patch makes
+frame f+1 the token grid of frame f shifted by one token, which relative attention expresses directly.
+(An 8-frame world with 1-px steps learnt colours but no coherent motion in 800 steps; a 16-px world whose
+shapes started at a fixed edge learnt none in 2500 steps.) Prompts read
 "a red square moving left": 4 colours x 2 shapes x 4 directions = 32 captions, of which a fixed 8
 (every direction, every colour, both shapes once) are held out from pre-training and RL.
 
 Model: the Wan 2.1 family itself (WanTransformer3DModel + UMT5EncoderModel + flow-matching scheduler) in
 pixel space (no VAE: frames are generated as [-1, 1] RGB), saved as an ordinary diffusers folder that
 ``models.wan.WanPolicy`` loads exactly as it loads Wan 2.1. Wan rather than an SD3 toy with a frame
-axis because the point of the toy is to run the real video adapter; at 4 x 16 x 16 pixels with
-4 x 4 patches it is 64 tokens, fast enough on one CPU thread (see launch/pretrain_video_toy.py).
+axis because the point of the toy is to run the real video adapter; at 4 x 20 x 20 pixels with
+4 x 4 patches it is 100 tokens, fast enough on one CPU thread (see launch/pretrain_video_toy.py).
 """
 from __future__ import annotations
 
@@ -29,7 +30,7 @@ import torch
 
 from models.toy.shapes import COLORS, shape_mask
 
-SIZE, FRAMES, SIDE, SPEED = 16, 4, 4, 4
+SIZE, FRAMES, SIDE, SPEED = 20, 4, 4, 4
 SHAPES = ("square", "circle")
 # (dx, dy) per frame in image coordinates (y grows downwards).
 DIRECTIONS: dict[str, tuple[int, int]] = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}
@@ -236,7 +237,7 @@ def ship(model: Path, dest: Path, runs: list[tuple[str, list[dict]]], seed: int 
                        World(0, 1, 0, 1, torch.device("cpu")), seed, 32, SIZE, SIZE, grid_path=dest / "samples.png")
     stages = "\n".join(f"{i + 1}. `{cmd}`: {rows[-1]['step']} steps, {rows[-1]['time_s']:.0f} s wall "
                        f"(loss {rows[-1]['loss']:.3f})" for i, (cmd, rows) in enumerate(runs))
-    card = f"""# steerflow toy: video16 (Wan 2.1 family, pixel space)
+    card = f"""# steerflow toy: video{SIZE} (Wan 2.1 family, pixel space)
 
 A tiny text-to-video model of the Wan 2.1 family, shipped with steerflow so that the video training path
 (models/wan.py, video rewards, GIF sample grids) runs end to end on a CPU. It is an ordinary diffusers

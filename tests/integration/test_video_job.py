@@ -16,7 +16,7 @@ SMALL_VIDEO = [
 
 
 def test_video_job_runs_end_to_end(tmp_path):
-    """Videos [B, 4, 3, 16, 16] go through rollout, the video rewards, GRPO, monitors, evaluation and
+    """Videos [B, 4, 3, 20, 20] go through rollout, the video rewards, GRPO, monitors, evaluation and
     checkpointing; the sample grids are animated GIFs with one frame per video frame."""
     run([sys.executable, "-m", "launch.train", f"run_dir={tmp_path}", *SMALL_VIDEO], timeout=600)
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]

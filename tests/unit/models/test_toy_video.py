@@ -9,7 +9,7 @@ import torch
 
 from models.toy import video as toy
 
-WEIGHTS = Path(__file__).resolve().parents[3] / "models" / "toy" / "weights" / "video16"
+WEIGHTS = Path(__file__).resolve().parents[3] / "models" / "toy" / "weights" / "video20"
 
 
 def test_grammar_round_trip_and_rejects():
@@ -69,25 +69,25 @@ def dominant_colors(videos: torch.Tensor) -> list[str]:
 
 
 def test_shipped_toy_loads_through_the_wan_adapter_and_draws_the_asked_colour():
-    """The shipped model (models/toy/weights/video16) loads through the Wan adapter as a real Wan folder
-    would, and its held-out samples show the asked colour (measured 14/16; a random init 4/16). Its
-    direction accuracy is on its model card: motion is what RL is left to improve."""
+    """The shipped model (models/toy/weights/video20) loads through the Wan adapter as a real Wan folder
+    would, and its held-out samples show the asked colour (measured 16/16; a random init 6/16). Its
+    direction accuracy (at chance) is on its model card."""
     from models.wan import WanPolicy
     from samplers.flow_sde import FlowSDESampler
 
     policy = WanPolicy(str(WEIGHTS), finetune="lora", lora_rank=4, max_sequence_length=toy.MAX_TOKENS,
                        num_frames=toy.FRAMES, height=toy.SIZE, width=toy.SIZE)
-    assert policy.vae is None and policy.latent_shape(16, 16) == (3, toy.FRAMES, 16, 16)
+    assert policy.vae is None and policy.latent_shape(toy.SIZE, toy.SIZE) == (3, toy.FRAMES, toy.SIZE, toy.SIZE)
     _, heldout = toy.split()
     prompts = heldout * 2
     gens = [torch.Generator().manual_seed(i) for i in range(len(prompts))]
-    x_T = torch.stack([torch.randn(policy.latent_shape(16, 16), generator=g) for g in gens])
+    x_T = torch.stack([torch.randn(policy.latent_shape(toy.SIZE, toy.SIZE), generator=g) for g in gens])
     with torch.no_grad():
         traj = FlowSDESampler(noise_level=0.0).rollout(
             lambda x, s, c: policy.predict(x, s, c, 1.0), x_T, policy.sigmas(8), policy.encode(prompts), gens,
             torch.arange(len(prompts)), torch.zeros(len(prompts), dtype=torch.long))
     videos = policy.decode(traj.final)
-    assert videos.shape == (16, toy.FRAMES, 3, 16, 16)
+    assert videos.shape == (16, toy.FRAMES, 3, toy.SIZE, toy.SIZE)
     asked = [toy.parse_caption(p).color for p in prompts]
     hits = sum(a == b for a, b in zip(asked, dominant_colors(videos)))
-    assert hits >= 12, (hits, asked, dominant_colors(videos))
+    assert hits >= 13, (hits, asked, dominant_colors(videos))
