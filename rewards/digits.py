@@ -82,6 +82,8 @@ class DigitReward:
         if component not in COMPONENTS:
             raise ValueError(f"component must be one of {COMPONENTS}, got {component!r}")
         self.component = component
+        # The instance says what its scalar reward is: "correct" is a step function (no gradient).
+        self.differentiable = component == "prob"
         images, labels, _, _ = load_split(seed=seed, size=size)  # train split only
         digits = to_features(torch.from_numpy(images))
         negatives = _negatives(digits, len(digits) // 2, np.random.default_rng(seed))

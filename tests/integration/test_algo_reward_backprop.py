@@ -9,7 +9,7 @@ from jobs import run, step_rows
 # The shapes toy trained on its images' brightness (a differentiable reward), without the shapes
 # experiment file, whose GRPO knobs reward_backprop's schema does not have.
 BRIGHTNESS = [
-    "~experiment", "model=toy_shapes", "data=shapes", "+reward@rewards.bright=brightness", "rewards.bright.weight=1",
+    "experiment=none", "model=toy_shapes", "data=shapes", "+reward@rewards.bright=brightness", "rewards.bright.weight=1",
     "algorithm=reward_backprop", "sampler.num_steps=8", "sampler.eval_num_steps=8", "sampler.guidance_scale=1.0",
     "data.prompts_per_step=4", "algorithm.group_size=4", "train.micro_batch=8", "data.eval_size=16", "train.eval_batch=8",
     "logger=none", "train.progress=false", "train.num_threads=1", "exp_name=toy_shapes_reward_backprop",

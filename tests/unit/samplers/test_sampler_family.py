@@ -191,7 +191,7 @@ def test_every_sampler_is_a_documented_config_file():
         text = (CONF / "sampler" / f"{name}.yaml").read_text()
         header = "".join(line for line in text.splitlines(keepends=True) if line.startswith("#"))
         assert text.startswith("#") and "20" in header, name  # opens with its paper (authors, year)
-        cfg = OmegaConf.to_object(_compose(["~experiment", f"sampler={name}"]))
+        cfg = OmegaConf.to_object(_compose(["experiment=none", f"sampler={name}"]))
         sampler = instantiate(asdict(cfg.sampler))
         assert type(sampler).__module__ == f"samplers.{name}" or name == "ode"
         shared = (CONF / "sampler" / "flow_sde.yaml").read_text() if "conf/sampler/flow_sde.yaml" in header else ""
@@ -203,7 +203,7 @@ def test_every_sampler_is_a_documented_config_file():
 @pytest.mark.parametrize("override", ["sampler.noise_level=0.5", "sampler.window=sliding"])
 def test_noise_knobs_do_not_exist_for_the_ode_sampler(override):
     with pytest.raises(HydraException) as info:
-        _compose(["~experiment", "sampler=ode", override])
+        _compose(["experiment=none", "sampler=ode", override])
     assert override.split("=")[0].split(".")[1] in str(info.value)
 
 
@@ -223,9 +223,9 @@ def test_validate_reports_sampler_rules_and_what_grpo_needs():
     problems = _problems(["sampler.noise_decay=0.5", "sampler.window=random", "sampler.start_step=2",
                           "sampler.window_start=2", "sampler.window_size=2"])
     assert any(p.startswith("sampler.noise_decay (0.5) is only read") for p in problems), problems
-    assert any(p.startswith("sampler.start_step (2): partial chains") for p in problems), problems
+    assert any(p.startswith("sampler.start_step (2) starts partial chains from clean samples: set data.clean_source=base") for p in problems), problems
     assert len(problems) == 2, problems
-    assert any("is deterministic: GRPO" in p for p in _problems(["sampler=ode"], experiment="~experiment"))
+    assert any("is deterministic: this algorithm trains the log-probs" in p for p in _problems(["sampler=ode"], experiment="experiment=none"))
     table = _problems(["sampler.noise_schedule=table", "sampler.noise_table=[1,1,1]"])
     assert table == ["sampler.noise_table has 3 entries; it needs one per step (sampler.num_steps=8)"]
     cps = _problems(["sampler=cps", "sampler.noise_level=1.5"])

@@ -273,7 +273,7 @@ def test_ode_replay_reproduces_the_stored_latents_and_checkpointing_keeps_the_gr
 
 def _config(*overrides):
     """The shapes toy without its experiment file (whose GRPO knobs this schema does not have)."""
-    base = ["~experiment", "model=toy_shapes", "data=shapes", "algorithm=reward_backprop", "sampler=ode"]
+    base = ["experiment=none", "model=toy_shapes", "data=shapes", "algorithm=reward_backprop", "sampler=ode"]
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         return OmegaConf.to_object(compose("train", overrides=base + list(overrides)))
 
