@@ -5,8 +5,9 @@
 For each family in FAMILIES: save its tiny random diffusers folder (or use the shipped toy), build the
 policy from the family's model config the way the trainer does (``model=<config> model.path=<folder>``
 plus toy-size knobs), then time (best of --repeats, round-robin over families after a warm-up round):
-  rollout_images_per_s  trainer.rollout.rollout_chunks of --images samples with the Flow-GRPO SDE sampler
-                        (sampler.num_steps steps, all stochastic, the family's guidance), decode included
+  rollout_images_per_s  trainer.rollout.rollout_chunks of --images samples (videos for video families) with
+                        the family's stochastic sampler (Flow-GRPO's SDE; DDIM eta 1 for UNets), sampler.num_steps
+                        steps, all stochastic, the family's guidance, decode included
   train_images_per_s    the training pass on those samples: every stochastic step's log-prob recomputed
                         with gradients and backpropagated, then one AdamW step (no DeepSpeed)
   transformer_calls_per_step  transformer calls per denoising step (2 with true CFG run as two calls, as
@@ -52,6 +53,9 @@ class Family:
     build: Callable | None
     knobs: list[str] = field(default_factory=list)
     guidance_scale: float = 1.0
+    # The family's stochastic sampler, built for a number of steps: velocity families use Flow-GRPO's SDE,
+    # epsilon (UNet) families DDIM at eta 1.
+    sampler: Callable = lambda steps: FlowSDESampler(noise_level=0.7, num_steps=steps)
 
 
 def _tiny_sd3(folder):
@@ -69,6 +73,28 @@ def _tiny(builder_name: str):
     return build
 
 
+def _tiny_unet(builder_name: str):
+    def build(folder):
+        import tiny_unet_pipelines
+
+        getattr(tiny_unet_pipelines, builder_name)().save_pretrained(folder)
+
+    return build
+
+
+def _tiny_wan(folder):
+    sys.path.insert(0, str(ROOT / "tests" / "unit" / "models"))
+    from test_wan import build_tiny_wan
+
+    build_tiny_wan().save_pretrained(folder)
+
+
+def _ddim(steps: int):
+    from samplers.ddim import DDIMSampler
+
+    return DDIMSampler(noise_level=1.0, num_steps=steps)
+
+
 FAMILIES = {
     # The shipped shapes toy: pixel-space SD3 transformer (4 blocks), 32 px, no CFG.
     "sd3_toy": Family("toy_shapes", None, [], 1.0),
@@ -80,6 +106,14 @@ FAMILIES = {
     # Random Qwen-Image (1 block, Qwen2.5-VL text encoder), 16 px, true CFG 4 (two forwards per step).
     "qwen_image": Family("qwen_image", _tiny("build_tiny_qwen_image"),
                          ["model.max_sequence_length=64", "model.height=16", "model.width=16"], 4.0),
+    # Random SD1.5 / SDXL UNets at 16 px, CFG 5 batched into one call, DDIM at eta 1 (DDPO's sampler).
+    "sd1_5": Family("sd1_5", _tiny_unet("build_tiny_sd15"), ["model.height=16", "model.width=16"], 5.0, _ddim),
+    "sdxl": Family("sdxl", _tiny_unet("build_tiny_sdxl"), ["model.height=16", "model.width=16"], 5.0, _ddim),
+    # Random Wan 2.1 (2 blocks, video VAE, UMT5): 9 frames of 32x32, CFG 5 (images/s here: videos/s).
+    "wan2_1": Family("wan2_1_t2v", _tiny_wan, ["model.num_frames=9", "model.height=32", "model.width=32",
+                                                "model.max_sequence_length=16"], 5.0),
+    # The shipped video toy: pixel-space Wan, 4 frames of 20x20, no CFG.
+    "wan_toy_video": Family("toy_video", None, [], 1.0),
 }
 
 
@@ -126,7 +160,6 @@ def main(argv: list[str]) -> list[dict]:
     parser.add_argument("--families", nargs="*", default=list(FAMILIES), choices=list(FAMILIES))
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1: the CI setting)")
     args = parser.parse_args(argv)
-    sampler = FlowSDESampler(noise_level=0.7, num_steps=args.steps)
     pids, sids = torch.arange(args.images) % len(PROMPTS), torch.arange(args.images) // len(PROMPTS)
     with tempfile.TemporaryDirectory() as tmp:
         runs = {}
@@ -141,6 +174,7 @@ def main(argv: list[str]) -> list[dict]:
         for rep in range(args.repeats + 1):  # round 0 warms up (allocations, the text-embedding cache)
             for name, (policy, optimizer, counter) in runs.items():
                 g = FAMILIES[name].guidance_scale
+                sampler = FAMILIES[name].sampler(args.steps)
                 counter.n = 0
                 t = time.perf_counter()
                 with torch.no_grad():
