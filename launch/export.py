@@ -36,7 +36,7 @@ class ExportConfig:
     checkpoint: str = MISSING  # a run's checkpoints/step_<N> folder
     out: str = MISSING  # folder to write; refused if it holds anything, unless overwrite=true
     merge: bool = False  # false: LoRA weights (diffusers format); true: a full diffusers folder
-    ema: bool = False  # export the policy's EMA instead of its weights (needs an EMA in the checkpoint)
+    ema: bool = False  # export the EMA of the weights (ema.safetensors: a run with train.ema_decay) instead of the weights
     overwrite: bool = False  # replace a non-empty `out` (only after the new export is complete)
     dtype: Optional[str] = None  # merge=true only: the merged weights' dtype (default: the run's model.dtype)
     device: str = "cpu"  # where the model is rebuilt and merged
@@ -47,7 +47,7 @@ ConfigStore.instance().store(name="export", node=ExportConfig)
 
 def _problems(cfg: ExportConfig) -> list[str]:
     """Every reason the export cannot run, found before the model loads."""
-    from trainer.checkpoint import CONFIG_FILE, POLICY_FILE
+    from trainer.checkpoint import CONFIG_FILE, EMA_FILE, POLICY_FILE
 
     p = []
     ckpt = Path(cfg.checkpoint)
@@ -77,11 +77,10 @@ def _problems(cfg: ExportConfig) -> list[str]:
         for what, path in protected.items():
             if path.resolve() == out.resolve() or out.resolve() in path.resolve().parents:
                 p.append(f"out={cfg.out!r} holds {what} ({path}): export to another folder")
-    if cfg.ema:
-        # The trainer keeps no EMA of the policy yet, so no checkpoint holds one; exporting the raw
-        # weights under an "EMA" label would be a silent lie.
-        p.append(f"ema=true: checkpoint={cfg.checkpoint!r} holds no EMA of the policy (the trainer keeps none); "
-                 "drop ema=true to export the trained weights")
+    if cfg.ema and not (ckpt / EMA_FILE).is_file():
+        # Exporting the raw weights under an "EMA" label would be a silent lie.
+        p.append(f"ema=true: checkpoint={cfg.checkpoint!r} holds no EMA of the policy ({EMA_FILE}; the run did not set "
+                 "train.ema_decay): drop ema=true to export the trained weights")
     if cfg.dtype is not None and not cfg.merge:
         p.append(f"dtype={cfg.dtype} sets the merged weights' dtype and applies only with merge=true "
                  "(LoRA weights are saved as trained); drop dtype or add merge=true")
@@ -100,6 +99,12 @@ def export(cfg: ExportConfig) -> Path:
     from launch.sample import load_policy
 
     policy, run_cfg = load_policy(cfg.checkpoint, cfg.device, **({"dtype": cfg.dtype} if cfg.dtype else {}))
+    if cfg.ema:
+        from safetensors.torch import load_file
+
+        from trainer.checkpoint import EMA_FILE
+
+        policy.load_trainable_state_dict(load_file(str(Path(cfg.checkpoint) / EMA_FILE)))
     out = Path(cfg.out).resolve()  # resolved: "." or "dir/" still have a name for the sibling folders
     tmp = out.with_name(f".{out.name}.partial")
     shutil.rmtree(tmp, ignore_errors=True)  # a previous export stopped midway
@@ -109,7 +114,7 @@ def export(cfg: ExportConfig) -> Path:
             policy.save_merged(tmp)
         else:
             policy.save_lora(tmp)
-        (tmp / "README.md").write_text(model_card(Path(cfg.checkpoint), run_cfg, merge=cfg.merge, out=out))
+        (tmp / "README.md").write_text(model_card(Path(cfg.checkpoint), run_cfg, merge=cfg.merge, out=out, ema=cfg.ema))
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -171,13 +176,20 @@ def _short(target: str) -> str:
     return target.rsplit(".", 1)[-1] if target else "?"
 
 
-def model_card(ckpt: Path, run_cfg, merge: bool, out: Path) -> str:
+def model_card(ckpt: Path, run_cfg, merge: bool, out: Path, ema: bool = False) -> str:
     """The README.md of an export (Markdown with Hugging Face model-card front matter)."""
     from omegaconf import OmegaConf
 
     from trainer.checkpoint import CONFIG_FILE
 
     cfg = OmegaConf.to_container(run_cfg, resolve=True)
+    decay = (cfg.get("train") or {}).get("ema_decay")
+    if ema:
+        ema_line = f"exported: these are the EMA of the trained weights (train.ema_decay={decay})"
+    elif decay is not None:
+        ema_line = f"kept in training (train.ema_decay={decay}) but not exported here: these are the raw trained weights (ema=true exports the EMA)"
+    else:
+        ema_line = "not enabled (train.ema_decay was not set: these are the trained weights)"
     model, sampler, algo = cfg.get("model", {}), cfg.get("sampler", {}), cfg.get("algorithm", {})
     base = str(model.get("path", "?"))
     index_file = Path(base) / "model_index.json"
@@ -222,7 +234,7 @@ def model_card(ckpt: Path, run_cfg, merge: bool, out: Path) -> str:
         f"| fine-tuning | {mode} |",
         f"| model settings | {_knobs(model, skip=('_target_', 'path', 'finetune', 'lora_rank', 'lora_alpha', 'lora_targets'))} |",
         f"| this export | {form} |",
-        "| EMA | not enabled (the trainer keeps no EMA of the policy: these are the trained weights) |",
+        f"| EMA | {ema_line} |",
         f"| algorithm | `{algo_name}`: {_knobs(algo, skip=('_target_', 'name'))} |",
         *([f"| aggregation | `{_short(cfg['aggregate']['_target_'])}` |"] if (cfg.get("aggregate") or {}).get("_target_") else []),
         f"| sampler | `{_short(sampler.get('_target_', ''))}`: {_knobs(sampler, skip=('_target_',))} |",

@@ -8,6 +8,7 @@
   rng/rank_<r>.pt       each rank's torch / CUDA / numpy / python generator states
   rewards_state.pt      state of rewards that learn (only if one does)
   algorithm_state.pt    state of the algorithm beyond the weights (running baselines, EMA; only if it has one)
+  ema.safetensors       the EMA of the trainable weights (only with train.ema_decay)
   COMPLETE.json         written last: the step and every file's size
 
 Protocol: everything is written under ``step_<N>.tmp``, fsynced, then COMPLETE.json is written and
@@ -38,7 +39,8 @@ CONFIG_FILE = "config.yaml"
 STATE_FILE = "trainer_state.json"
 COMPLETE_FILE = "COMPLETE.json"
 REWARDS_STATE_FILE = "rewards_state.pt"
-ALGORITHM_STATE_FILE = "algorithm_state.pt"  # e.g. a running baseline or an EMA policy
+ALGORITHM_STATE_FILE = "algorithm_state.pt"
+EMA_FILE = "ema.safetensors"  # train.ema_decay: the EMA of the trainable weights, keyed like policy.safetensors  # e.g. a running baseline or an EMA policy
 ENGINE_TAG = "engine"
 UNIVERSAL_DIR = "universal"  # DeepSpeed universal checkpoint, converted on demand (see trainer/resume.py)
 _STEP_DIR = re.compile(r"^step_(\d{6,})$")
@@ -100,6 +102,7 @@ def _fsync(path: Path) -> None:
 def save_checkpoint(
     engine, policy, run_dir: Path, step: int, resolved_yaml: str, world: World, trainer_state: dict,
     rewards_state: dict | None = None, keep_last: int = 0, algorithm_state: dict | None = None,
+    ema_state: dict | None = None,
 ) -> Path:
     """Write ``checkpoints/step_<step>`` (every rank takes part; rank 0 finalises) and prune to ``keep_last``.
 
@@ -131,6 +134,8 @@ def save_checkpoint(
             torch.save(rewards_state, tmp / REWARDS_STATE_FILE)
         if algorithm_state:
             torch.save(algorithm_state, tmp / ALGORITHM_STATE_FILE)
+        if ema_state is not None:
+            save_file(ema_state, str(tmp / EMA_FILE))
     barrier()  # every rank's files are closed before rank 0 seals the folder
     if world.is_main:
         files = {}

@@ -87,6 +87,7 @@ class TrainLoopConfig:
     requeue: bool = True  # under SLURM, requeue the job after saving on SIGUSR1/SIGUSR2 (time limit ahead)
     max_consecutive_skips: int = 5  # abort after this many consecutive updates skipped for NaN/inf
     grid_every: int = 5
+    ema_decay: Optional[float] = None  # EMA of the trainable weights (e.g. 0.9): evaluated, checkpointed, exportable
     num_threads: int = 0  # torch threads per process on CPU; 0 = cores / local processes
     device: str = "auto"  # "auto" | "cpu" | "cuda"
     progress: bool = True
@@ -305,6 +306,10 @@ def validate(cfg: TrainConfig, world_size: int) -> None:
         p.append(f"train.steps ({t.steps}) must be >= 0")
     if t.keep_last < 0 or t.save_every < 0:
         p.append(f"train.keep_last ({t.keep_last}) and train.save_every ({t.save_every}) must be >= 0")
+    if t.ema_decay is not None and not 0 <= t.ema_decay < 1:
+        p.append(f"train.ema_decay ({t.ema_decay}) must be in [0, 1) (or null: no EMA)")
+    if t.ema_decay is not None and cfg.deepspeed.zero_stage == 3:
+        p.append("train.ema_decay needs whole weights on every rank; ZeRO-3 shards them: use deepspeed=zero2 or drop the EMA")
     if t.max_consecutive_skips < 1:
         p.append(f"train.max_consecutive_skips ({t.max_consecutive_skips}) must be >= 1")
     if t.resume not in ("auto", "fresh") and not (Path(t.resume) / "COMPLETE.json").is_file():

@@ -7,6 +7,7 @@ One iteration, on every rank of one process group:
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import secrets
 import time
@@ -16,17 +17,19 @@ from pathlib import Path
 import torch
 from hydra.utils import get_class, instantiate
 from omegaconf import OmegaConf
+from safetensors.torch import load_file
 from tqdm import tqdm
 
 from rewards.ensemble import RewardEnsemble, RewardResult
 from samplers.base import Sampler
 from trainer.algorithms.base import Algorithm, Batch, Context, Stepper
 from trainer.checkpoint import (
-    ALGORITHM_STATE_FILE, ENGINE_TAG, REWARDS_STATE_FILE, fault_point, load_rank_rng, save_checkpoint, set_rng_state,
+    ALGORITHM_STATE_FILE, EMA_FILE, ENGINE_TAG, REWARDS_STATE_FILE, fault_point, load_rank_rng, save_checkpoint, set_rng_state,
 )
 from trainer.config import TrainConfig, check_prediction
 from trainer.distributed import World, all_reduce_max, global_nanmean
-from trainer.engine import build_engine, optimizer_step
+from trainer.ema import PolicyEMA
+from trainer.engine import build_engine
 from trainer.preemption import Preempted, StopRequests
 from trainer.resume import ResumePoint
 from trainer.evaluate import evaluate
@@ -123,6 +126,7 @@ def train(
         policy, cfg.optimizer, cfg.deepspeed, tcfg.micro_batch, grad_accum, world.world_size, algo.max_grad_norm,
         cfg.scheduler, resume.universal,
     )
+    ema = PolicyEMA(policy.transformer, tcfg.ema_decay) if tcfg.ema_decay is not None else None
     # Everything the loop changes besides the engine and the generators (saved in trainer_state.json).
     state = {"wandb_id": secrets.token_hex(4), "skipped_updates": 0, "consecutive_skips": 0}
     if resume.checkpoint is not None:
@@ -134,6 +138,10 @@ def train(
             set_rng_state(rng)
         if (resume.checkpoint / REWARDS_STATE_FILE).is_file():
             rewards.load_state_dict(torch.load(resume.checkpoint / REWARDS_STATE_FILE, weights_only=False))
+        if ema is not None:
+            if not (resume.checkpoint / EMA_FILE).is_file():
+                raise FileNotFoundError(f"{resume.checkpoint} holds no {EMA_FILE}: it was saved without train.ema_decay")
+            ema.load_state_dict(load_file(str(resume.checkpoint / EMA_FILE)))
         if (resume.checkpoint / ALGORITHM_STATE_FILE).is_file():
             algorithm.load_state_dict(torch.load(resume.checkpoint / ALGORITHM_STATE_FILE, weights_only=False))
         sampler.load_state_dict(resume.state.get(SAMPLER_STATE_KEY, {}))
@@ -152,11 +160,13 @@ def train(
         clean = BaseSamples(policy, eval_sampler, prompts, cfg.seed, cfg.data.clean_variants, tcfg.micro_batch, h, w)
 
     def run_eval(step: int) -> dict[str, float]:
-        metrics = evaluate(
-            policy, eval_sampler, [rewards] + ([eval_rewards] if eval_rewards else []), eval_prompts, world,
-            cfg.seed, tcfg.eval_batch, h, w, grid_path=run_dir / "samples" / f"eval_{step:06d}.png",
-            observe=monitor.on_eval if monitor is not None else None,
-        )
+        # With an EMA, what is evaluated (and exported with ema=true) is the EMA.
+        with ema.swapped_in() if ema is not None else contextlib.nullcontext():
+            metrics = evaluate(
+                policy, eval_sampler, [rewards] + ([eval_rewards] if eval_rewards else []), eval_prompts, world,
+                cfg.seed, tcfg.eval_batch, h, w, grid_path=run_dir / "samples" / f"eval_{step:06d}.png",
+                observe=monitor.on_eval if monitor is not None else None,
+            )
         writer.log(step, metrics)
         react(metrics, step)
         return metrics
@@ -182,7 +192,7 @@ def train(
                          SAMPLER_STATE_KEY: sampler.state_dict()}
         path = save_checkpoint(
             engine, policy, run_dir, step, resolved_yaml, world, trainer_state, rewards.state_dict(), tcfg.keep_last,
-            algorithm.state_dict(),
+            algorithm.state_dict(), ema.state_dict() if ema is not None else None,
         )
         save_seconds.append(time.time() - t)
         return path
@@ -234,6 +244,8 @@ def train(
             ctx = Context(cfg, policy, sampler, rewards, aggregator, world, prompts, step, stepper)
             algo_metrics = algorithm.update(batch, ctx)
             algorithm.after_update(policy)
+        if ema is not None:
+            ema.update()
         else:
             stepper.skipped = algo.inner_epochs * algo.optimizer_steps_per_epoch
         t_train = time.time()

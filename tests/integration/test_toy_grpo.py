@@ -83,3 +83,33 @@ def test_rewards_overlapped_with_sampling_give_the_same_run(tmp_path):
     off = step_rows(train(tmp_path / "off", "train.steps=1", "train.overlap_rewards=false"))
     strip = lambda r: {k: v for k, v in r.items() if not k.startswith(("time/", "throughput/"))}  # noqa: E731
     assert [strip(r) for r in on] == [strip(r) for r in off]
+
+
+def test_policy_ema_is_checkpointed_resumed_and_exported(tmp_path):
+    """train.ema_decay: every checkpoint's ema.safetensors follows ema_t = d ema_{t-1} + (1 - d) w_t against the
+    saved weights; a resumed run continues it bit for bit; launch.export ema=true exports it."""
+    import torch
+
+    from launch.export import ExportConfig, export
+
+    ema_run = ["train.ema_decay=0.5", "train.save_every=1", "train.keep_last=0", "data.eval_size=8"]
+    train(tmp_path / "a", "train.steps=2", *ema_run)
+    ck = {s: tmp_path / "a" / "checkpoints" / f"step_{s:06d}" for s in (1, 2)}
+    ema = {s: load_file(str(ck[s] / "ema.safetensors")) for s in ck}
+    w2 = load_file(str(ck[2] / "policy.safetensors"))
+    assert ema[2].keys() == w2.keys()
+    for k in w2:
+        torch.testing.assert_close(ema[2][k], 0.5 * ema[1][k] + 0.5 * w2[k].float(), rtol=0, atol=1e-7)
+    assert any(not torch.equal(ema[2][k], w2[k].float()) for k in w2)  # it is not just the weights
+    # Resumed at step 1: the EMA comes back from the checkpoint, so step 2's is the straight run's, bit for bit.
+    train(tmp_path / "b", "train.steps=1", *ema_run)
+    train(tmp_path / "b", "train.steps=2", *ema_run)
+    resumed = load_file(str(tmp_path / "b" / "checkpoints" / "step_000002" / "ema.safetensors"))
+    assert all(torch.equal(resumed[k], ema[2][k]) for k in ema[2])
+    # Exported with ema=true: every exported tensor is one of the EMA's (the LoRA under diffusers' names).
+    out = export(ExportConfig(checkpoint=str(ck[2]), out=str(tmp_path / "lora_ema"), ema=True))
+    exported = load_file(str(out / "pytorch_lora_weights.safetensors"))
+    assert len(exported) == len(ema[2])
+    for v in exported.values():
+        assert any(v.shape == e.shape and torch.equal(v.float(), e) for e in ema[2].values())
+    assert "exported: these are the EMA" in (out / "README.md").read_text()
