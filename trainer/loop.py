@@ -244,10 +244,10 @@ def train(
             ctx = Context(cfg, policy, sampler, rewards, aggregator, world, prompts, step, stepper)
             algo_metrics = algorithm.update(batch, ctx)
             algorithm.after_update(policy)
-        if ema is not None:
-            ema.update()
         else:
             stepper.skipped = algo.inner_epochs * algo.optimizer_steps_per_epoch
+        if ema is not None:
+            ema.update()
         t_train = time.time()
 
         metrics = global_nanmean(_reward_values(scored))

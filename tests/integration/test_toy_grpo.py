@@ -22,6 +22,7 @@ def test_short_run_outputs_and_golden_numbers(tmp_path):
     assert [r["step"] for r in steps] == [1, 2, 3]
     for r in steps:
         assert r["train/onpolicy_log_ratio_max"] == 0.0, "recomputed log-prob differs from the rollout's"
+        assert r["train/skipped_updates"] == 0, "a finite update was counted as skipped"
         assert {"reward/jpeg", "reward/shapes", "reward/shapes/count", "time/rollout", "throughput/images_per_s"} <= set(r)
     # LoRA starts with B = 0, so until the first optimizer step the policy IS the reference.
     assert steps[0]["train/kl"] == 0.0
