@@ -9,6 +9,7 @@ import pytest
 from jobs import run
 
 
+@pytest.mark.slow  # ~110 s; learning is guarded in the default tier by every algorithm's shapes test
 def test_default_job_raises_digit_accuracy_in_a_few_steps(tmp_path):
     """A short version of `make train`: the verifiable reward and the evaluation accuracy both rise
     (measured on the CI machine, one thread: accuracy 0.46 -> 0.53, probability 0.462 -> 0.498; the

@@ -29,6 +29,7 @@ def test_cps_with_a_random_window_on_two_processes_matches_one(tmp_path):
         assert s2[key] == pytest.approx(s1[key], rel=1e-6, abs=1e-9), key
 
 
+@pytest.mark.slow  # three launches (~35 s): make test-all
 def test_calibrated_noise_table_is_restored_on_resume(tmp_path):
     """2 steps straight == 1 step, then a relaunch to 2: the step-2 rollout uses the table calibrated in
     step 1 (saved in the checkpoint), so its rewards and losses are bitwise those of the straight run."""

@@ -86,6 +86,7 @@ def test_rewards_overlapped_with_sampling_give_the_same_run(tmp_path):
     assert [strip(r) for r in on] == [strip(r) for r in off]
 
 
+@pytest.mark.slow  # four launches (~40 s); the EMA arithmetic and swap are unit-tested: make test-all
 def test_policy_ema_is_checkpointed_resumed_and_exported(tmp_path):
     """train.ema_decay: every checkpoint's ema.safetensors follows ema_t = d ema_{t-1} + (1 - d) w_t against the
     saved weights; a resumed run continues it bit for bit; launch.export ema=true exports it."""
