@@ -24,7 +24,7 @@ from rewards.ensemble import RewardEnsemble, RewardResult
 from samplers.base import Sampler
 from trainer.algorithms.base import Algorithm, Batch, Context, Stepper
 from trainer.checkpoint import (
-    ALGORITHM_STATE_FILE, EMA_FILE, ENGINE_TAG, REWARDS_STATE_FILE, fault_point, load_rank_rng, save_checkpoint, set_rng_state,
+    ALGORITHM_STATE_FILE, EMA_FILE, ENGINE_TAG, REWARDS_STATE_FILE, load_rank_rng, save_checkpoint, set_rng_state,
 )
 from trainer.config import TrainConfig, check_prediction
 from trainer.distributed import World, all_reduce_max, global_nanmean
@@ -37,7 +37,7 @@ from trainer.metrics import MetricsWriter, save_grid
 from trainer.monitors import HackingMonitor, RewardHackingStop
 from trainer.plots import plot_curves
 from trainer.prompts import load_prompts, step_prompt_ids
-from trainer.rng import STREAM_ROLLOUT, STREAM_TRAIN, generator
+from trainer.rng import STREAM_ROLLOUT, generator
 from trainer.rollout import SAMPLER_STATE_KEY, BaseSamples, rollout_chunks, step_reward_gains
 
 
@@ -76,7 +76,7 @@ def train(
     cfg: TrainConfig, world: World, run_dir: Path, resolved_yaml: str, resume: ResumePoint | None = None,
     stop: StopRequests | None = None,
 ) -> dict:
-    """Run GRPO as configured from ``resume`` (default: step 0); returns the summary written to
+    """Run the configured algorithm from ``resume`` (default: step 0); returns the summary written to
     ``run_dir/summary.json``.
 
     Raises Preempted after saving when ``stop`` reports a signal, NonFiniteError after
