@@ -77,6 +77,16 @@ class RewardEnsemble:
         """Whether scoring chunk by chunk equals scoring the whole batch (no reward compares samples)."""
         return not any(getattr(r, "needs_whole_groups", False) for r in self.rewards.values())
 
+    def check_prompts(self, prompts: list[str], source: str, key: str = "rewards") -> None:
+        """Ask every reward that can (those defining ``check_prompts``) whether it can score `prompts`,
+        before the first rollout; a refusal is re-raised as ValueError naming the reward and `source`."""
+        for name, reward in self.rewards.items():
+            if hasattr(reward, "check_prompts"):
+                try:
+                    reward.check_prompts(prompts)
+                except ValueError as e:
+                    raise ValueError(f"reward {name!r} ({key}.{name}) cannot score {source}: {e}") from e
+
     def submit(self, images: torch.Tensor, prompts: list[str], metadata: list[dict] | None = None) -> Future:
         """Score in the background (a Future of RewardResult): rollout of the next chunk overlaps this one.
 

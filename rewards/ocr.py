@@ -157,6 +157,19 @@ class OcrReward:
             )
         return text
 
+    def check_prompts(self, prompts: list[str]) -> None:
+        """Raise ValueError, before any image is drawn, when some of `prompts` quote no text: an OCR reward
+        on them would fail at the first batch (or, with a looser pattern, train on nothing)."""
+        missing = [p for p in prompts if not self.normalize(" ".join(self.pattern.findall(p)))]
+        if missing:
+            how = "in double quotes" if self.pattern.pattern == DEFAULT_PATTERN else f"matching {self.pattern.pattern!r}"
+            raise ValueError(
+                f"{len(missing)} of {len(prompts)} prompts quote no text to draw (first: {missing[0]!r}); OCR scores "
+                f"the text a prompt quotes {how} (e.g. 'a sign that says \"cat\"'). On "
+                f"the toys, the text toy is trained with OCR: python -m launch.train experiment=toy_text; otherwise "
+                f"point data.prompts at prompts that quote their text"
+            )
+
     def read(self, image: np.ndarray) -> str:
         """Raw recognised text of one uint8 [H, W, 3] RGB image: every box above min_text_score, in
         RapidOCR's reading order (top to bottom, then left to right), joined by spaces; "" if none."""

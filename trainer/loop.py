@@ -90,6 +90,16 @@ def train(
     if cfg.data.prompts_per_step > len(prompts):  # checked before the model loads
         raise ValueError(f"data.prompts_per_step ({cfg.data.prompts_per_step}) exceeds the {len(prompts)} prompts in "
                          f"data.prompts={cfg.data.prompts!r}; lower it or add prompts")
+    if cfg.data.eval_size:
+        eval_prompts = eval_prompts[: cfg.data.eval_size]
+    # Rewards before the model: a reward that cannot score these prompts (OCR on prompts quoting no text)
+    # fails here, in seconds, not after the model has loaded and the first batch is drawn.
+    rewards = RewardEnsemble(cfg.rewards)
+    eval_rewards = RewardEnsemble(cfg.eval_rewards) if cfg.eval_rewards else None
+    rewards.check_prompts(prompts, f"data.prompts={cfg.data.prompts!r}")
+    rewards.check_prompts(eval_prompts, f"data.eval_prompts={cfg.data.eval_prompts!r}")
+    if eval_rewards is not None:
+        eval_rewards.check_prompts(eval_prompts, f"data.eval_prompts={cfg.data.eval_prompts!r}", "eval_rewards")
     # Seeded before the model is built: LoRA's random init draws from the global generator.
     torch.manual_seed(cfg.seed)
     algorithm: Algorithm = get_class(algo._target_)(algo)
@@ -99,9 +109,6 @@ def train(
     sampler: Sampler = instantiate(asdict(cfg.sampler))
     check_prediction(policy, sampler)
     eval_sampler = sampler.evaluation()
-    if cfg.data.eval_size:
-        eval_prompts = eval_prompts[: cfg.data.eval_size]
-    rewards = RewardEnsemble(cfg.rewards)
     aggregator = instantiate(cfg.aggregate)
     # Scoring chunk by chunk equals scoring the batch unless a reward compares samples (a win rate).
     overlap_rewards = tcfg.overlap_rewards and rewards.chunkable
@@ -113,7 +120,6 @@ def train(
         trained = [n for n, wt in rewards.weights.items() if wt != 0 and n not in rewards.regularizers]
         gold = cfg.monitor.gold if cfg.monitor.gold is not None else list(cfg.eval_rewards)
         monitor = HackingMonitor(cfg.monitor, trained, gold)
-    eval_rewards = RewardEnsemble(cfg.eval_rewards) if cfg.eval_rewards else None
 
     P, G = cfg.data.prompts_per_step, algo.group_size
     n_local = P * G // world.world_size

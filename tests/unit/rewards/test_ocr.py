@@ -138,3 +138,24 @@ def test_shape_and_length_mismatch_raise(reward):
 
 def test_attributes():
     assert OcrReward.input_kind == "pixels" and OcrReward.differentiable is False
+
+
+def test_check_prompts_refuses_prompts_without_text_and_names_the_text_toy():
+    reward = OcrReward()
+    reward.check_prompts(['a sign that says "cat"', 'a mug with "steer" on it'])
+    with pytest.raises(ValueError, match=r"2 of 3 prompts quote no text to draw \(first: 'the digit three'\).*"
+                                         r"experiment=toy_text"):
+        reward.check_prompts(["the digit three", 'a sign that says "cat"', 'empty quotes "  "'])
+    assert reward._engine is None  # checking prompts never loads the OCR models
+
+
+def test_the_ensemble_names_the_reward_and_the_prompt_source():
+    from rewards.ensemble import RewardEnsemble
+
+    ensemble = RewardEnsemble({"ocr": {"_target_": "rewards.ocr.OcrReward"},
+                               "jpeg": {"_target_": "rewards.jpeg.JpegCompressibility"}})
+    ensemble.check_prompts(['a sign that says "cat"'], "data.prompts='x.txt'")  # jpeg has no check: skipped
+    with pytest.raises(ValueError, match=r"reward 'ocr' \(eval_rewards.ocr\) cannot score data.eval_prompts='y.txt': "
+                                         r"1 of 1 prompts"):
+        ensemble.check_prompts(["the digit three"], "data.eval_prompts='y.txt'", "eval_rewards")
+    ensemble.close()
