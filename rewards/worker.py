@@ -32,6 +32,7 @@ def _serve(spec: dict, conn, threads: int) -> None:
             "input_kind": getattr(reward, "input_kind", "pixels"),
             "needs_whole_groups": bool(getattr(reward, "needs_whole_groups", False)),
             "stateful": hasattr(reward, "state_dict"),
+            "checks_prompts": hasattr(reward, "check_prompts"),
         }))
     except Exception:  # noqa: BLE001 - every failure goes back to the trainer, with its traceback
         conn.send(("error", traceback.format_exc()))
@@ -43,6 +44,15 @@ def _serve(spec: dict, conn, threads: int) -> None:
             return
         if method == "close":
             return
+        if method == "check_prompts":  # a refusal is an answer (its message), not a worker failure
+            try:
+                reward.check_prompts(*args)
+                conn.send(("ok", None))
+            except ValueError as e:
+                conn.send(("ok", str(e)))
+            except Exception:  # noqa: BLE001
+                conn.send(("error", traceback.format_exc()))
+            continue
         try:
             conn.send(("ok", getattr(reward, method)(*args) if method != "__call__" else reward(*args)))
         except Exception:  # noqa: BLE001
@@ -72,6 +82,14 @@ class ProcessReward:
         if info["stateful"]:
             self.state_dict = lambda: self._call("state_dict")
             self.load_state_dict = lambda state: self._call("load_state_dict", state)
+        if info.get("checks_prompts"):
+            self.check_prompts = self._check_prompts
+
+    def _check_prompts(self, prompts: list[str]) -> None:
+        """The reward's own prompt check, run in the worker; its refusal is raised here as ValueError."""
+        refusal = self._call("check_prompts", list(prompts))
+        if refusal:
+            raise ValueError(refusal)
 
     def _receive(self, what: str, timeout_s: float | None = None):
         timeout_s = self.timeout_s if timeout_s is None else timeout_s

@@ -74,3 +74,18 @@ def test_executor_knobs_are_checked():
         RewardEnsemble({"j": {"_target_": "rewards.jpeg.JpegCompressibility", "executor": "procs"}})
     with pytest.raises(ValueError, match=r"rewards.j.timeout_s is read only with executor=process"):
         RewardEnsemble({"j": {"_target_": "rewards.jpeg.JpegCompressibility", "timeout_s": 5}})
+
+
+def test_a_workers_prompt_check_is_refused_like_in_a_thread():
+    """OCR in a worker still refuses prompts that quote no text at start-up, with the same message."""
+    ens = RewardEnsemble({"ocr": {"_target_": "rewards.ocr.OcrReward", "executor": "process"},
+                          "jpeg": {"_target_": "rewards.jpeg.JpegCompressibility", "executor": "process"}})
+    try:
+        assert not hasattr(ens.rewards["jpeg"], "check_prompts")
+        ens.check_prompts(['a sign that says "cat"'], "data.prompts")
+        with pytest.raises(ValueError, match=r"reward 'ocr' \(rewards.ocr\) cannot score data.prompts: 1 of 2 prompts "
+                                             r"quote no text.*experiment=toy_text"):
+            ens.check_prompts(['a sign that says "cat"', "the digit three"], "data.prompts")
+        ens.check_prompts(['a sign that says "dog"'], "data.prompts")  # the worker still answers
+    finally:
+        ens.close()
