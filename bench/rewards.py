@@ -61,10 +61,13 @@ def bench(path: Path, images: torch.Tensor, batches: int) -> dict:
     reward = instantiate(spec)
     build_s = time.perf_counter() - t0
     prompts = prompts_for(spec["_target_"], len(images))
+    metadata = [{"prompt_id": i // 8} for i in range(len(images))]  # groups of 8, for win rates
+    if getattr(reward, "input_kind", "pixels") == "video":  # 4-frame clips of the same word images
+        images = images.unsqueeze(1).repeat(1, 4, 1, 1, 1)
     times = []
     for _ in range(batches):
         t0 = time.perf_counter()
-        reward(images, prompts)
+        reward(images, prompts, metadata)
         times.append(time.perf_counter() - t0)
     timed = times[1:]  # the first batch is warm-up
     per_image = sum(timed) / (len(timed) * len(images))
@@ -78,6 +81,7 @@ def bench(path: Path, images: torch.Tensor, batches: int) -> dict:
         "batch": len(images),
         "timed_batches": len(timed),
         "size": images.shape[-1],
+        "frames": images.shape[1] if images.ndim == 5 else 1,  # video rewards: images_per_s counts clips
     }
 
 
@@ -103,11 +107,22 @@ def main(argv: list[str]) -> list[dict]:
     images = render_words(args.batch, args.size)
     results = []
     for path in paths:
+        target = str(OmegaConf.load(path).get("_target_", ""))
+        if target.endswith(("RemoteReward", "OpenAIJudge")):
+            # A server's throughput is the server's reward plus the protocol: bench/reward_server.py.
+            results.append({"reward": path.stem, "skipped": "needs a running server (bench/reward_server.py measures it)"})
+            print(json.dumps(results[-1]), flush=True)
+            continue
         try:
             results.append(bench(path, images, args.batches))
-        except (FileNotFoundError, ConnectionError, OSError) as e:
+        except Exception as e:  # noqa: BLE001 - Hydra wraps the constructor's error; look at its causes
+            cause = e
+            while cause is not None and not isinstance(cause, (FileNotFoundError, ConnectionError, OSError)):
+                cause = cause.__cause__
+            if cause is None:
+                raise
             # Learned rewards need local weights, remote ones a server: measured only where they exist.
-            results.append({"reward": path.stem, "skipped": f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"})
+            results.append({"reward": path.stem, "skipped": f"{type(cause).__name__}: {str(cause).splitlines()[0][:160]}"})
         print(json.dumps(results[-1]), flush=True)
     return results
 
