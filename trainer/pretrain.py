@@ -306,11 +306,13 @@ word-level; `scheduler/`: flow matching, shift 1). Prompts are 'a sign that says
 
 ## How it was made
 `python -m launch.pretrain_toy world=text image_size={size} steps={settings['steps']} batch={settings['batch']} lr={settings['lr']} warmup={settings.get('warmup', 200)}`
-(this snapshot: step {row['step']}), seed {settings['seed']}, {row['time_s']:.0f} s on this project's 2-core CPU machine
-(shared with other jobs); the transformer was then stored in fp16 (`ship_from=<snapshot>`); the scores
+(this snapshot: step {row['step']}), seed {settings['seed']}, {row['time_s']:.0f} s on one thread of this project's 2-core CPU
+machine; the transformer was then stored in fp16 (`ship_from=<snapshot>`); the scores
 below are the stored model's. Rectified-flow loss, {settings['t_sampling']} times, AdamW,
 {settings['cond_dropout']:.0%} empty captions. Data: the word rendered with Pillow's bundled font
-(`models/toy/text.py`: 12-13 px, dark ink on a light background, up to 2 px off centre).
+(`models/toy/text.py`: 14 px, centred, dark ink on a light background). The snapshot is chosen to
+read words often but not always, so that a text-rendering reward has something to teach: later
+snapshots of the same run read almost every word.
 
 ## Scores
 {settings['eval_prompts']} prompts (each word {settings['eval_prompts'] // 12} times, a fixed evaluation noise stream),

@@ -27,7 +27,7 @@ def test_render_varies_but_stays_in_bounds_and_is_seeded():
     c = render("cat", np.random.default_rng(1))
     assert a.shape == (32, 32, 3) and a.dtype == np.uint8
     assert np.array_equal(a, b) and not np.array_equal(a, c)
-    # The word is drawn away from the border (the offset is at most 1 px): the outer ring is background.
+    # The word is drawn away from the border: the outer ring is background.
     ring = np.concatenate([a[0], a[-1], a[:, 0], a[:, -1]])
     assert ring.min() >= 215
 

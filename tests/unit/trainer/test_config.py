@@ -333,6 +333,35 @@ def test_the_default_job_scores_with_every_offline_preset():
         assert result.total.shape == (2,) and torch.isfinite(result.total).all(), preset
 
 
+def test_ocr_on_the_default_job_is_refused_before_the_model_loads_and_names_the_text_toy(tmp_path):
+    """Digit prompts quote no text, so `rewards=ocr` on the default job cannot train: the job stops at
+    start-up (before the model is built) and points at experiment=toy_text, whose prompts OCR can score."""
+    import torch
+
+    from trainer.distributed import World
+    from trainer.loop import train
+
+    cfg = _typed(["experiment=toy_digits", "rewards=ocr", f"run_dir={tmp_path}", "logger=none"])
+    with pytest.raises(ValueError, match=r"reward 'ocr' \(rewards.ocr\) cannot score data.prompts=.*digits_train.txt.*"
+                                         r"10 of 10 prompts quote no text.*experiment=toy_text"):
+        train(cfg, World(0, 1, 0, 1, torch.device("cpu")), tmp_path, "")
+    assert not any(tmp_path.iterdir())  # nothing written
+
+
+def test_the_text_toy_trains_ocr_and_its_prompts_quote_text():
+    from rewards.ensemble import RewardEnsemble
+    from trainer.prompts import load_prompts
+
+    cfg = _typed(["experiment=toy_text"])
+    validate(cfg, 1)
+    assert set(cfg.rewards) == {"ocr"} and cfg.rewards["ocr"]["weight"] == 1.0
+    assert cfg.algorithm.clip_range == 1.0e-3  # conf/tuning/toy_text_grpo.yaml
+    ensemble = RewardEnsemble(cfg.rewards)
+    ensemble.check_prompts(load_prompts(cfg.data.prompts), "data.prompts")
+    ensemble.check_prompts(load_prompts(cfg.data.eval_prompts), "data.eval_prompts")
+    ensemble.close()
+
+
 def test_a_model_and_a_sampler_that_predict_different_things_are_refused():
     """SD1.x/SDXL predict epsilon; the flow samplers integrate velocity: sampling would silently be wrong."""
     from types import SimpleNamespace
