@@ -355,7 +355,11 @@ def test_the_text_toy_trains_ocr_and_its_prompts_quote_text():
     cfg = _typed(["experiment=toy_text"])
     validate(cfg, 1)
     assert set(cfg.rewards) == {"ocr"} and cfg.rewards["ocr"]["weight"] == 1.0
-    assert cfg.algorithm.clip_range == 1.0e-3  # conf/tuning/toy_text_grpo.yaml
+    assert cfg.algorithm._target_.endswith(".NFT") and cfg.sampler._target_.endswith(".ODESampler")
+    assert cfg.algorithm.timesteps_per_sample == 4  # conf/tuning/toy_text_nft.yaml
+    grpo = _typed(["experiment=toy_text", "algorithm=grpo", "sampler=flow_sde"])
+    validate(grpo, 1)
+    assert grpo.algorithm.clip_range == 1.0e-3  # conf/tuning/toy_text_grpo.yaml
     ensemble = RewardEnsemble(cfg.rewards)
     ensemble.check_prompts(load_prompts(cfg.data.prompts), "data.prompts")
     ensemble.check_prompts(load_prompts(cfg.data.eval_prompts), "data.eval_prompts")
