@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from models.toy.digits import SOURCE_MAX, SOURCE_SIZE, WORDS, load_split, parse_caption
+from rewards.grammar import refuse_outside
 
 NOT_A_DIGIT = len(WORDS)  # label of the negative class
 # Inverse L2 strength and iteration cap of the LogisticRegression: C=1 is sklearn's default and
@@ -110,6 +111,10 @@ class DigitReward:
     def probabilities(self, images: torch.Tensor) -> np.ndarray:
         """``torch_probabilities`` as a float64 numpy array [B, 11], without gradients."""
         return self.torch_probabilities(images.detach()).cpu().numpy()
+
+    def check_prompts(self, prompts: list[str]) -> None:
+        """Raise ValueError, before any image is drawn, for captions outside the digits grammar."""
+        refuse_outside(prompts, parse_caption, "digits", "toy_digits")
 
     def __call__(self, images: torch.Tensor, prompts: list[str], metadata=None) -> dict[str, torch.Tensor]:
         """Score images [B, 3, H, W] (float in [0, 1]) against `prompts` (B digits-world captions).

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from models.toy.shapes import COLORS, SHAPES, SceneSpec, parse_caption, shape_mask
+from rewards.grammar import refuse_outside
 
 # A pixel takes the nearest palette colour (black included) only within this RGB distance. The
 # closest two palette colours (red, yellow) are ~190 apart, so 90 never assigns a pixel ambiguously
@@ -196,6 +197,10 @@ class ShapesReward:
         if component not in COMPONENTS:
             raise ValueError(f"component must be one of {COMPONENTS}, got {component!r}")
         self.component = component
+
+    def check_prompts(self, prompts: list[str]) -> None:
+        """Raise ValueError, before any image is drawn, for captions outside the shapes grammar."""
+        refuse_outside(prompts, parse_caption, "shapes", "toy_shapes_geneval")
 
     def __call__(self, images: torch.Tensor, prompts: list[str], metadata=None) -> dict[str, torch.Tensor]:
         """Score images [B, 3, H, W] (float in [0, 1]) against `prompts` (B shapes-world captions).

@@ -333,6 +333,39 @@ def test_the_default_job_scores_with_every_offline_preset():
         assert result.total.shape == (2,) and torch.isfinite(result.total).all(), preset
 
 
+@pytest.mark.parametrize("preset", sorted(p.stem for p in (CONF / "rewards").glob("*.yaml")))
+def test_every_preset_on_the_default_job_scores_its_prompts_or_names_the_toy_that_fits(preset):
+    """Each reward preset either accepts the default job's digit prompts or, for a reward made for another
+    toy world, refuses them at start-up naming the one experiment (a single override) where it trains."""
+    from rewards.ensemble import RewardEnsemble
+    from trainer.prompts import load_prompts
+
+    cfg = _typed(["experiment=toy_digits", f"rewards={preset}"])
+    ensemble = RewardEnsemble(cfg.rewards)
+    try:
+        fits = {"ocr": "toy_text", "shapes": "toy_shapes_geneval", "toy_shapes": "toy_shapes_geneval"}
+        if preset in fits:
+            with pytest.raises(ValueError, match=f"experiment={fits[preset]}"):
+                ensemble.check_prompts(load_prompts(cfg.data.prompts), "data.prompts")
+        else:
+            ensemble.check_prompts(load_prompts(cfg.data.prompts), "data.prompts")
+    finally:
+        ensemble.close()
+
+
+def test_toy_rewards_refuse_another_worlds_captions():
+    from rewards.digits import DigitReward
+    from rewards.shapes import ShapesReward
+
+    DigitReward().check_prompts(["the digit zero", "the digit nine"])
+    ShapesReward().check_prompts(["a red circle", "two blue squares"])
+    with pytest.raises(ValueError, match=r"1 of 2 prompts are outside the digits grammar \(first: 'a red circle'\).*"
+                                         r"experiment=toy_digits"):
+        DigitReward().check_prompts(["the digit zero", "a red circle"])
+    with pytest.raises(ValueError, match=r"2 of 2 prompts are outside the shapes grammar.*experiment=toy_shapes_geneval"):
+        ShapesReward().check_prompts(["the digit zero", 'a sign that says "cat"'])
+
+
 def test_ocr_on_the_default_job_is_refused_before_the_model_loads_and_names_the_text_toy(tmp_path):
     """Digit prompts quote no text, so `rewards=ocr` on the default job cannot train: the job stops at
     start-up (before the model is built) and points at experiment=toy_text, whose prompts OCR can score."""

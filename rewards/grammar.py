@@ -1,0 +1,20 @@
+"""Start-up prompt checks for rewards that only understand one toy world's captions."""
+from __future__ import annotations
+
+from typing import Callable
+
+
+def refuse_outside(prompts: list[str], parse: Callable[[str], object], world: str, experiment: str) -> None:
+    """Raise ValueError when some of `prompts` do not `parse` (the world's caption grammar), naming the
+    first one and the experiment whose prompts the reward was made for."""
+    outside = []
+    for prompt in prompts:
+        try:
+            parse(prompt)
+        except ValueError:
+            outside.append(prompt)
+    if outside:
+        raise ValueError(
+            f"{len(outside)} of {len(prompts)} prompts are outside the {world} grammar (first: {outside[0]!r}); this "
+            f"reward reads the {world} toy's images against its captions: python -m launch.train experiment={experiment}"
+        )
