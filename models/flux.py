@@ -212,7 +212,6 @@ class FluxPolicy:
         f = self.vae_scale_factor
         return (self.transformer.config.in_channels // 4, 2 * (height // (2 * f)), 2 * (width // (2 * f)))
 
-    @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Latents [B, C, h, w] -> images [B, 3, H, W] fp32 in [0, 1]."""
         cfg = self.vae.config

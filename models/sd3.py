@@ -235,7 +235,6 @@ class SD3Policy:
         factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
         return (self.transformer.config.in_channels, height // factor, width // factor)
 
-    @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Latents [B, C, h, w] -> images [B, 3, H, W] fp32 in [0, 1]."""
         if self.vae is None:

@@ -330,7 +330,6 @@ class UNetPolicy:
             raise ValueError(f"image size {height}x{width} must be divisible by the VAE factor {self.vae_factor}")
         return (self.unet.config.in_channels, height // self.vae_factor, width // self.vae_factor)
 
-    @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Latents [B, 4, h, w] -> images [B, 3, H, W] fp32 in [0, 1]."""
         cfg = self.vae.config

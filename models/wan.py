@@ -257,7 +257,6 @@ class WanPolicy:
         frames = (self.num_frames - 1) // t_factor + 1
         return (self.transformer.config.in_channels, frames, height // s_factor, width // s_factor)
 
-    @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Latents [B, C, F', h, w] -> videos [B, F, 3, H, W] fp32 in [0, 1]."""
         if self.vae is None:

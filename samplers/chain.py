@@ -5,7 +5,7 @@ marks stochastic (samplers/schedule.py) it draws x_{j+1} ~ N(mean_j, std_j^2 I) 
 records the exact log-density; elsewhere it takes a deterministic step, first order (the kernel's own,
 e.g. Euler) or the second-order multistep DPM-Solver++(2M) (Lu et al. 2022, "DPM-Solver++"), which
 MixGRPO-Flash uses outside its window. The training-time ``log_prob`` recomputes a stored step through
-the same ``_transition`` the rollout used, so the on-policy ratio is exactly 1.
+the same ``transition`` the rollout used, so the on-policy ratio is exactly 1.
 
 Optional parts, each off by default:
   partial chains   ``start_step`` k > 0 starts at sigma_k from a forward-noised clean sample (``start``)
@@ -137,7 +137,7 @@ class ChainSampler:
         step = per_sample(sigmas[:, j] - sigmas[:, j + 1], x0)
         return self.reward_guidance_scale * step * grad
 
-    def _transition(
+    def transition(
         self, x: torch.Tensor, out: torch.Tensor, sigmas: torch.Tensor, j: int, eta: float
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Mean and std of stochastic step j: the one arithmetic path for rollout and training."""
@@ -146,7 +146,7 @@ class ChainSampler:
             mean = mean + self._guidance_shift(self.kernel.clean(x, out, sigmas[:, j]), sigmas, j)
         return mean, std
 
-    def _deterministic(
+    def deterministic_step(
         self, x: torch.Tensor, out: torch.Tensor, x0: torch.Tensor, sigmas: torch.Tensor, j: int,
         prev_x0: torch.Tensor | None,
     ) -> torch.Tensor:
@@ -203,12 +203,12 @@ class ChainSampler:
             out = predict_fn(x, sig[:, j], cond).float()
             x0 = self.kernel.clean(x, out, sig[:, j])
             if stochastic[j]:
-                mean, std = self._transition(x, out, sig, j, float(etas[j]))
+                mean, std = self.transition(x, out, sig, j, float(etas[j]))
                 eps = torch.stack([torch.randn(x.shape[1:], generator=g) for g in generators]).to(x.device)
                 x = mean + per_sample(std, x) * eps
                 log_probs.append(gaussian_log_prob(x, mean, std, self.log_prob_reduction))
             else:
-                x = self._deterministic(x, out, x0, sig, j, prev_x0)
+                x = self.deterministic_step(x, out, x0, sig, j, prev_x0)
                 log_probs.append(torch.zeros(B, device=x.device))
             prev_x0 = x0
             pred_x0.append(x0)
@@ -239,7 +239,7 @@ class ChainSampler:
         out = predict_fn(x, traj.sigmas[:, j], cond).float()
         # The rollout passed this step's eta as a Python float read from the same fp32 value; reading it
         # back here (one scalar, a device sync on GPU like the check above) keeps the arithmetic identical.
-        mean, std = self._transition(x, out, traj.sigmas, j, float(traj.noise_levels[0, j]))
+        mean, std = self.transition(x, out, traj.sigmas, j, float(traj.noise_levels[0, j]))
         return gaussian_log_prob(traj.latents[:, j + 1], mean, std, self.log_prob_reduction), mean, std
 
     # --------------------------------------------------------------------- evaluation, state

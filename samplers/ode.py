@@ -31,14 +31,14 @@ class ODESampler:
     ode_solver: str = "euler"
     start_step: int = 0
     needs_step_rewards: ClassVar[bool] = False
-    _chain: FlowSDESampler = field(init=False, repr=False)
+    chain: FlowSDESampler = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         problems = self.problems(self.knobs())
         if problems:
             raise ValueError("invalid sampler knobs:\n  - " + "\n  - ".join(problems))
         # The flow kernel at noise 0 is the ODE step: one implementation of the loop.
-        self._chain = FlowSDESampler(
+        self.chain = FlowSDESampler(
             noise_level=0.0, num_steps=self.num_steps, eval_num_steps=self.eval_num_steps,
             guidance_scale=self.guidance_scale, ode_solver=self.ode_solver, start_step=self.start_step,
         )
@@ -51,20 +51,20 @@ class ODESampler:
         return {k: getattr(self, k) for k in ("num_steps", "eval_num_steps", "guidance_scale", "ode_solver", "start_step")}
 
     def plan(self, sigmas: torch.Tensor, iteration: int = 0, generator: torch.Generator | None = None) -> Plan:
-        return self._chain.plan(sigmas)
+        return self.chain.plan(sigmas)
 
     def rollout(
         self, predict_fn: PredictFn, x_T: torch.Tensor, sigmas: torch.Tensor, cond: object,
         generators: Sequence[torch.Generator], prompt_ids: torch.Tensor, sample_ids: torch.Tensor,
         plan: Plan | None = None,
     ) -> Trajectory:
-        return self._chain.rollout(predict_fn, x_T, sigmas, cond, generators, prompt_ids, sample_ids, plan)
+        return self.chain.rollout(predict_fn, x_T, sigmas, cond, generators, prompt_ids, sample_ids, plan)
 
     def log_prob(self, predict_fn, traj, j, cond):
         raise ValueError("sampler=ode has no stochastic steps, so no log-prob to train; use flow_sde, dance_sde, cps or ddim")
 
     def start(self, x0: torch.Tensor, sigmas: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-        return self._chain.start(x0, sigmas, noise)
+        return self.chain.start(x0, sigmas, noise)
 
     def evaluation(self) -> "ODESampler":
         return ODESampler(num_steps=self.eval_num_steps, eval_num_steps=self.eval_num_steps,

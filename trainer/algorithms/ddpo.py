@@ -1,8 +1,8 @@
 """DDPO (Black et al. 2024, "Training Diffusion Models with Reinforcement Learning"), DDPO_IS: the PPO
 clipped ratio on every trained denoising step, with advantages from per-prompt running reward statistics.
 
-The tracker keeps, per prompt, the last ``buffer_size`` rewards seen for it. Each iteration all ranks'
-rewards are gathered with their prompt ids (global sample order), every prompt's buffer is extended with
+The tracker keeps, per prompt (keyed by its text), the last ``buffer_size`` rewards seen for it. Each
+iteration all ranks' rewards are gathered with their prompts (global sample order), every prompt's buffer is extended with
 its new rewards, and a sample's advantage is (r - mean) / (std + 1e-6) over its prompt's buffer, or over
 the whole batch while that buffer holds fewer than ``min_count`` rewards. Every rank runs the same update
 on the same gathered values, so the tracker is identical on every rank; it is checkpointed
@@ -16,6 +16,7 @@ from __future__ import annotations
 from collections import deque
 from contextlib import nullcontext
 from dataclasses import dataclass
+from typing import Hashable, Sequence
 
 import torch
 
@@ -45,40 +46,50 @@ SCHEMAS = {"schema_ddpo": DDPOConfig}
 
 
 class PromptStatTracker:
-    """Per-prompt running reward statistics (module docstring). Keys are prompt ids (the run's prompt table)."""
+    """Per-prompt running reward statistics (module docstring), keyed by prompt text, so that a resume with
+    a reordered or extended prompts file keeps each prompt's history."""
 
     def __init__(self, buffer_size: int, min_count: int):
         self.buffer_size, self.min_count = buffer_size, min_count
-        self.buffers: dict[int, deque] = {}
+        self.buffers: dict[Hashable, deque] = {}
 
-    def update(self, rewards: torch.Tensor, prompt_ids: torch.Tensor) -> tuple[torch.Tensor, float]:
+    def update(self, rewards: torch.Tensor, keys: Sequence[Hashable]) -> tuple[torch.Tensor, float]:
         """Extend each prompt's buffer with its rewards (in the given order) and return the advantages [N]
         fp32 and the share of samples normalised by the batch's statistics (buffer below min_count).
 
         Statistics in float64 over exact float32 values: the same numbers on every rank and after a resume.
         """
         r = rewards.detach().double().cpu().reshape(-1)
-        pids = prompt_ids.cpu().reshape(-1)
+        if len(keys) != len(r):
+            raise ValueError(f"got {len(keys)} prompt keys for {len(r)} rewards")
+        rows: dict[Hashable, list[int]] = {}
+        for i, key in enumerate(keys):
+            rows.setdefault(key, []).append(i)
         adv = torch.empty_like(r)
         batch_stats = 0
-        for p in torch.unique(pids).tolist():
-            mask = pids == p
-            buf = self.buffers.setdefault(int(p), deque(maxlen=self.buffer_size))
-            buf.extend(r[mask].tolist())
+        for key, idx in rows.items():
+            mine = r[idx]
+            buf = self.buffers.setdefault(key, deque(maxlen=self.buffer_size))
+            buf.extend(mine.tolist())
             if len(buf) < self.min_count:
                 ref = r
-                batch_stats += int(mask.sum())
+                batch_stats += len(idx)
             else:
                 ref = torch.tensor(list(buf), dtype=torch.float64)
-            adv[mask] = (r[mask] - ref.mean()) / (ref.std(unbiased=False) + STD_EPS)
+            adv[idx] = (mine - ref.mean()) / (ref.std(unbiased=False) + STD_EPS)
         return adv.float(), batch_stats / max(len(r), 1)
 
     def state_dict(self) -> dict:
         return {"buffers": {p: list(buf) for p, buf in self.buffers.items()}}
 
     def load_state_dict(self, state: dict) -> None:
-        self.buffers = {int(p): deque((float(v) for v in vals), maxlen=self.buffer_size)
+        self.buffers = {p: deque((float(v) for v in vals), maxlen=self.buffer_size)
                         for p, vals in state["buffers"].items()}
+
+    def rekey_ids(self, prompts: Sequence[str]) -> None:
+        """Turn buffers keyed by prompt id (checkpoints written before keys were prompt texts) into buffers
+        keyed by ``prompts[id]``."""
+        self.buffers = {prompts[k] if isinstance(k, int) else k: buf for k, buf in self.buffers.items()}
 
 
 class DDPO:
@@ -131,7 +142,9 @@ class DDPO:
         """This rank's [N_local] clipped advantages; the tracker sees every rank's rewards in global order."""
         rewards = all_gather_cat(batch.scored.total.float().cpu().reshape(-1))
         pids = all_gather_cat(batch.prompt_ids.cpu())
-        adv, batch_share = self.tracker.update(rewards, pids)
+        if any(isinstance(k, int) for k in self.tracker.buffers):
+            self.tracker.rekey_ids(ctx.prompts)
+        adv, batch_share = self.tracker.update(rewards, [ctx.prompts[int(p)] for p in pids])
         n = batch.prompt_ids.shape[0]
         local = adv[ctx.world.rank * n : (ctx.world.rank + 1) * n]
         return local.clamp(-self.cfg.adv_clip, self.cfg.adv_clip), batch_share

@@ -119,13 +119,10 @@ def weighted_reward(
 def decode_with_grad(policy, latents: torch.Tensor) -> torch.Tensor:
     """``policy.decode`` with gradients to ``latents`` [B, *L] -> images [B, 3, H, W] in [0, 1].
 
-    SD3Policy.decode is decorated with torch.no_grad() (rollouts and evaluation never need its graph);
-    functools.wraps keeps the undecorated function as ``__wrapped__``: the same arithmetic, graph kept.
     The decoder's weights are frozen, so only the latents (and through them the policy) get gradients.
-    Raises RuntimeError when the result still has no graph to the latents.
+    Raises RuntimeError when the result has no graph to the latents (an adapter whose decode detaches).
     """
-    undecorated = getattr(type(policy).decode, "__wrapped__", None)
-    images = undecorated(policy, latents) if undecorated is not None else policy.decode(latents)
+    images = policy.decode(latents)
     if latents.requires_grad and not images.requires_grad:
         raise RuntimeError(f"{type(policy).__name__}.decode returns images without a graph to the latents; "
                            "algorithm=reward_backprop needs a differentiable decode")
@@ -134,7 +131,7 @@ def decode_with_grad(policy, latents: torch.Tensor) -> torch.Tensor:
 
 def step_arithmetic(sampler) -> ChainSampler:
     """The ChainSampler whose step arithmetic the rollout used (sampler=ode runs a flow chain at noise 0)."""
-    chain = getattr(sampler, "_chain", sampler)
+    chain = getattr(sampler, "chain", sampler)
     if not isinstance(chain, ChainSampler):
         raise TypeError(f"algorithm=reward_backprop re-runs sampling steps through a ChainSampler's arithmetic; "
                         f"{type(sampler).__name__} is not one")
@@ -154,7 +151,7 @@ def rollout_noise(chain: ChainSampler, predict, traj: Trajectory, cond, start: i
             continue
         x = traj.latents[:, j]
         out = predict(x, traj.sigmas[:, j], cond).float()
-        mean, std = chain._transition(x, out, traj.sigmas, j, float(traj.noise_levels[0, j]))
+        mean, std = chain.transition(x, out, traj.sigmas, j, float(traj.noise_levels[0, j]))
         std = per_sample(std, x)
         noise[j] = torch.where(std > 0, (traj.latents[:, j + 1] - mean) / torch.where(std > 0, std, 1.0), 0.0)
     return noise
@@ -178,9 +175,9 @@ def replay(
         out = predict(x, sig[:, j], cond).float()
         x0 = chain.kernel.clean(x, out, sig[:, j])
         if bool(traj.stochastic[0, j]):
-            mean, std = chain._transition(x, out, sig, j, float(traj.noise_levels[0, j]))
+            mean, std = chain.transition(x, out, sig, j, float(traj.noise_levels[0, j]))
             return mean + per_sample(std, x) * noise[j], x0
-        return chain._deterministic(x, out, x0, sig, j, prev_x0), x0
+        return chain.deterministic_step(x, out, x0, sig, j, prev_x0), x0
 
     x = traj.latents[:, start]
     prev_x0 = traj.pred_x0[:, start - 1] if start > 0 else None

@@ -32,7 +32,7 @@ register()
 class GainPolicy:
     """v = theta_j * x at step j (found from sigma): Euler steps are x_{j+1} = (1 + dt_j theta_j) x_j.
 
-    Pixel space, images = clamp(x / 2 + 0.5); decode is no_grad-decorated like SD3Policy's.
+    Pixel space, images = clamp(x / 2 + 0.5), differentiable like every adapter's decode.
     """
 
     device = torch.device("cpu")
@@ -47,7 +47,6 @@ class GainPolicy:
     def encode(self, prompts):
         return torch.zeros(len(prompts), 1, 1, 1)
 
-    @torch.no_grad()
     def decode(self, latents):
         return (latents / 2 + 0.5).clamp(0, 1)
 
@@ -206,7 +205,7 @@ def test_random_truncation_draws_k_per_iteration_from_the_training_stream():
     assert [truncation_steps(cfg, ctx) for _ in range(3)] == [truncation_steps(cfg, ctx)] * 3
 
 
-def test_decode_with_grad_reaches_the_latents_through_a_no_grad_decode():
+def test_decode_with_grad_reaches_the_latents_and_refuses_a_detaching_decode():
     latents = torch.full((1, 3, 2, 2), 0.2, requires_grad=True)
     images = decode_with_grad(GainPolicy(), latents)
     (grad,) = torch.autograd.grad(images.sum(), latents)
