@@ -14,8 +14,8 @@ SAMPLER_STATE_KEY = "sampler"
 def rollout_chunks(
     policy, sampler, prompts: list[str], prompt_ids: torch.Tensor, sample_ids: torch.Tensor, seed_parts: tuple[int, ...],
     num_steps: int, guidance_scale: float, micro_batch: int, height: int, width: int, iteration: int = 0,
-    x0: torch.Tensor | None = None, on_chunk=None,
-) -> tuple[list[Trajectory], torch.Tensor]:
+    x0: torch.Tensor | None = None, on_chunk=None, decode: bool = True,
+) -> tuple[list[Trajectory], torch.Tensor | None]:
     """Roll out every sample, ``micro_batch`` at a time.
 
     Sample i's noise comes from ``generator(*seed_parts, prompt_ids[i], sample_ids[i])`` alone; the
@@ -29,11 +29,14 @@ def rollout_chunks(
         from x0 forward-noised to sigmas[start_step] with the sample's own initial noise).
       on_chunk: called as ``on_chunk(start, images [b, 3, H, W])`` as soon as each chunk is decoded
         (the trainer starts scoring it while the next chunk samples).
+      decode: False skips decoding (callers that keep only latents); images is then None.
     Returns (trajectories, one per chunk, on the policy device; images [N, 3, H, W] in [0, 1] on CPU).
     """
     sigmas = policy.sigmas(num_steps)
     plan = sampler.plan(sigmas, iteration, generator(*seed_parts))
     sigmas = sigmas.to(policy.device)
+    if on_chunk is not None and not decode:
+        raise ValueError("on_chunk receives decoded images: it needs decode=True")
     if sampler.start_step > 0 and x0 is None:
         raise ValueError(f"sampler.start_step={sampler.start_step} starts from forward-noised clean samples: pass x0")
     shape = policy.latent_shape(height, width)
@@ -50,10 +53,12 @@ def rollout_chunks(
             pids.to(policy.device), sids.to(policy.device), plan=plan,
         )
         chunks.append(traj)
+        if not decode:
+            continue
         images.append(policy.decode(traj.final).cpu())
         if on_chunk is not None:
             on_chunk(start, images[-1])
-    return chunks, torch.cat(images)
+    return chunks, torch.cat(images) if decode else None
 
 
 @torch.no_grad()
@@ -102,7 +107,7 @@ class BaseSamples:
         with torch.no_grad(), self.policy.reference():
             chunks, _ = rollout_chunks(
                 self.policy, self.sampler, self.prompts, pids, vids, (self.seed, STREAM_CLEAN), self.sampler.num_steps,
-                self.sampler.guidance_scale, self.micro_batch, self.height, self.width,
+                self.sampler.guidance_scale, self.micro_batch, self.height, self.width, decode=False,
             )
         for i, x0 in zip(index.tolist(), torch.cat([c.final for c in chunks]).cpu()):
             self.cache[i] = x0
