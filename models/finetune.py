@@ -1,8 +1,9 @@
 """The trainable part of a diffusers transformer: LoRA or full fine-tuning, the reference policy, the
 trainable state, and export back to diffusers (a LoRA folder, or a merged checkpoint folder).
 
-Family adapters (models/flux.py, models/qwen_image.py) hold one ``TransformerWeights`` and delegate to
-it; nothing here depends on the family except the pipeline class passed to ``save_lora``.
+Every family adapter (models/sd3.py, flux.py, qwen_image.py, wan.py, unet.py) holds one
+``TransformerWeights`` and delegates to it; nothing here depends on the family except the pipeline class
+passed to ``save_lora`` and the network's component name (``component``: "unet" for SD1.x/SDXL).
 """
 from __future__ import annotations
 
@@ -24,13 +25,16 @@ class TransformerWeights:
         is the adapters disabled) or "full" (every weight trains; the reference is a frozen copy,
         made only when ``needs_reference``).
       gradient_checkpointing: recompute the blocks' activations in backward.
+      component: the network's name in the pipeline: its folder in a diffusers checkpoint (what
+        ``save_merged`` replaces) and the prefix of its LoRA keys (``save_lora``). "transformer" for the
+        DiT families, "unet" for SD1.x/SDXL.
     """
 
     def __init__(self, transformer: torch.nn.Module, finetune: str, lora_rank: int, lora_alpha: float,
-                 lora_targets, needs_reference: bool, gradient_checkpointing: bool):
+                 lora_targets, needs_reference: bool, gradient_checkpointing: bool, component: str = "transformer"):
         if finetune not in ("lora", "full"):
             raise ValueError(f"model.finetune must be 'lora' or 'full', got {finetune!r}")
-        self.transformer, self.finetune = transformer, finetune
+        self.transformer, self.finetune, self.component = transformer, finetune, component
         self.frozen_copy = None
         self.use_reference = False
         if finetune == "lora":
@@ -87,31 +91,76 @@ class TransformerWeights:
                 params[k].copy_(v)
 
     # ------------------------------------------------------------------ export
-    def save_lora(self, out_dir: str | Path, pipeline_cls) -> Path:
-        """Write the adapters as a diffusers LoRA folder: ``pipeline_cls.from_pretrained(base)
-        .load_lora_weights(out_dir)`` then computes what this policy computes.
+    def save_lora(self, out_dir: str | Path, pipeline_cls, diffusers_keys: bool = False) -> Path:
+        """Write the adapters as a diffusers LoRA folder (``pytorch_lora_weights.safetensors``, keys under
+        ``<component>.``): ``pipeline_cls.from_pretrained(base).load_lora_weights(out_dir)`` then
+        computes what this policy computes.
 
-        The peft config (rank, alpha, targets) goes with the weights as adapter metadata, so the
-        loader applies alpha / rank, not a default scale of 1. Weights are saved in fp32 (as trained).
+        The peft config (rank, alpha, targets; the targets sorted, so the file's bytes do not depend on
+        set order) goes with the weights as adapter metadata, so the loader applies alpha / rank, not a
+        default scale of 1. Weights are saved in fp32 (as trained). ``diffusers_keys`` renames peft's
+        keys to diffusers' own LoRA names (``convert_state_dict_to_diffusers``: ``lora_A`` ->
+        ``lora.down``), the form diffusers' SD1.x/SDXL LoRA scripts write.
         """
         if self.finetune != "lora":
-            raise ValueError("save_lora needs model.finetune=lora; a fully fine-tuned model exports only merged "
-                             "(save_merged; python -m launch.export ... merge=true)")
+            raise ValueError("save_lora needs model.finetune=lora: a full fine-tune trains every weight, so there "
+                             "is no LoRA to save; export a merged folder (save_merged; python -m launch.export ... "
+                             "merge=true)")
         from peft.utils import get_peft_model_state_dict
 
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         layers = {k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(self.transformer).items()}
-        pipeline_cls.save_lora_weights(
-            out, transformer_lora_layers=layers,
-            transformer_lora_adapter_metadata=self.transformer.peft_config["default"].to_dict(),
-        )
+        if diffusers_keys:
+            from diffusers.utils import convert_state_dict_to_diffusers
+
+            layers = convert_state_dict_to_diffusers(layers)
+        metadata = self.transformer.peft_config["default"].to_dict()
+        metadata["target_modules"] = sorted(metadata["target_modules"])
+        pipeline_cls.save_lora_weights(out, **{f"{self.component}_lora_layers": layers,
+                                               f"{self.component}_lora_adapter_metadata": metadata})
         return out
 
+    @torch.no_grad()
+    def merged(self) -> torch.nn.Module:
+        """The network as a plain diffusers model (no peft layers) with the LoRA folded in: W + (alpha / r)
+        B A per adapted layer, summed in fp32 and stored in the base weight's dtype (one rounding on a
+        bf16 base). A full fine-tune is the network itself.
+
+        Built from a merged state dict rather than by merging in place: the policy's own modules are
+        untouched and no second copy of the frozen weights is made (the plain model shares them).
+        Raises ValueError if a merged weight is not finite.
+        """
+        if self.finetune != "lora":
+            return self.transformer
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        state = {}
+        for key, value in self.transformer.state_dict().items():
+            parts = key.split(".")
+            if any(part.startswith("lora_") for part in parts):
+                continue  # adapter weights: folded into the base weight below
+            state[".".join(part for part in parts if part != "base_layer")] = value
+        for name, module in self.transformer.named_modules():
+            if isinstance(module, BaseTunerLayer):
+                weight = module.get_base_layer().weight
+                merged = (weight.float() + module.get_delta_weight("default").float()).to(weight.dtype)
+                if not torch.isfinite(merged).all():
+                    raise ValueError(f"the merged weight of {name} is not finite: the adapter is broken")
+                state[f"{name}.weight"] = merged
+        with torch.device("meta"):  # no memory for weights that load_state_dict(assign=True) replaces
+            plain = type(self.transformer).from_config(self.transformer.config)
+        plain.load_state_dict(state, strict=True, assign=True)  # strict: every base weight accounted for
+        return plain
+
     def save_merged(self, out_dir: str | Path, base_folder: Path) -> Path:
-        """Write a complete diffusers folder: every component of ``base_folder`` but the transformer
-        (hard links where the file system allows, copies otherwise), and the trained transformer with
-        the LoRA merged into its weights (or the fully fine-tuned weights), in the base dtype.
+        """Write a complete diffusers folder: every entry of ``base_folder`` but the network's, and the
+        network from ``merged()`` (the LoRA folded in, or the fully fine-tuned weights) in the base dtype.
+
+        The files inside the base's component folders are hard links where the file system allows
+        (copies otherwise): replace them, never write into them. Top-level files (model_index.json,
+        README.md, ...) are copied, so a caller may rewrite them; model_index.json comes last, so a
+        folder cut short does not load.
         """
         out = Path(out_dir)
         if out.resolve() == base_folder.resolve():
@@ -124,22 +173,19 @@ class TransformerWeights:
                 shutil.copy2(src, dst)
 
         out.mkdir(parents=True, exist_ok=True)
+        index = out / "model_index.json"
+        index.unlink(missing_ok=True)
         for entry in base_folder.iterdir():
             target = out / entry.name
-            if entry.name == "transformer":
+            if entry.name in (self.component, index.name):
                 continue
             if target.exists():
                 shutil.rmtree(target) if target.is_dir() else target.unlink()
             if entry.is_dir():
                 shutil.copytree(entry, target, copy_function=link_or_copy)
             else:
-                link_or_copy(entry, target)
-        merged = copy.deepcopy(self.transformer)
-        if self.finetune == "lora":
-            # W + (alpha / r) B A per adapted layer, computed by peft in the base weight's dtype (fp32
-            # adapters on a bf16 base give a bf16 checkpoint); safe fusing fails on a non-finite result.
-            merged.fuse_lora(safe_fusing=True)
-            merged.unload_lora()
-        shutil.rmtree(out / "transformer", ignore_errors=True)
-        merged.save_pretrained(out / "transformer")
+                shutil.copy2(entry, target)
+        shutil.rmtree(out / self.component, ignore_errors=True)
+        self.merged().save_pretrained(out / self.component)
+        shutil.copy2(base_folder / index.name, index)
         return out

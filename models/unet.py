@@ -15,16 +15,14 @@ of its scheduler config: epsilon, v_prediction or sample):
 """
 from __future__ import annotations
 
-import contextlib
-import copy
 import json
-import shutil
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from models.finetune import TransformerWeights
 from models.sd3 import _dtype, load_component
 
 # Attention projections of every transformer block (self- and cross-attention), the targets of DDPO's
@@ -64,9 +62,7 @@ class UNetPolicy:
       path: local diffusers folder with model_index.json (text_encoder[_2], tokenizer[_2], unet, vae,
         scheduler). Whatever scheduler it ships (PNDM, Euler, ...), sampling uses a DDIMScheduler built
         from its config, as DDPO does.
-      finetune: "lora" (peft adapters on ``lora_targets``; the reference policy is the adapters
-        disabled) or "full" (all UNet weights; the reference is a frozen copy, made only when
-        ``needs_reference``).
+      finetune: "lora" | "full" (see models.finetune.TransformerWeights; the UNet is its network).
       lora_rank, lora_alpha, lora_targets: LoRA shape; targets are module-name suffixes.
       dtype: "auto" (bf16 on GPU, fp32 on CPU) | "float32" | "bfloat16" | "float16" for the frozen parts
         and the base weights. A VAE whose config sets ``force_upcast`` (SDXL's) decodes in fp32.
@@ -168,26 +164,9 @@ class UNetPolicy:
 
         for module in [self.vae, *(e for e, _ in self.text)]:
             module.requires_grad_(False).eval().to(self.device)
-        self.finetune = finetune
-        self._reference = None
-        self.unet.to(self.device)
-        if finetune == "lora":
-            from peft import LoraConfig
-
-            self.unet.requires_grad_(False)
-            self.unet.add_adapter(
-                LoraConfig(r=lora_rank, lora_alpha=lora_alpha, init_lora_weights="gaussian", target_modules=list(lora_targets))
-            )
-            # Adapters in fp32 on a bf16 base, as in models/sd3.py (DeepSpeed keeps fp32 masters of them).
-            for p in self.unet.parameters():
-                if p.requires_grad:
-                    p.data = p.data.float()
-        else:
-            self.unet.requires_grad_(True)
-            if needs_reference:
-                self._reference = copy.deepcopy(self.unet).requires_grad_(False).eval()
-        if gradient_checkpointing:
-            self.unet.enable_gradient_checkpointing()
+        self.weights = TransformerWeights(self.unet.to(self.device), finetune, lora_rank, lora_alpha, lora_targets,
+                                          needs_reference, gradient_checkpointing, component="unet")
+        self.unet = self.weights.transformer
         self._cache: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
         self._warned_spacing = False
 
@@ -255,7 +234,6 @@ class UNetPolicy:
         x [B, 4, h, w]; sigma [B] = sqrt(1 - abar) in (0, 1). Returns [B, 4, h, w] fp32. A
         guidance-distilled UNet (``time_cond_proj_dim``) takes the scale as an input instead: one pass.
         """
-        model = self._reference if self._reference is not None and self._use_reference else self.unet
         embedded = self.unet.config.time_cond_proj_dim is not None
         cfg = guidance_scale > 1.0 and not embedded
         B = x.shape[0]
@@ -272,7 +250,7 @@ class UNetPolicy:
             time_ids = torch.tensor([[h, w, 0, 0, h, w]], dtype=self.dtype, device=x.device).expand(n, -1)
             pooled = torch.cat([cond.neg_pooled, cond.pooled]) if cfg else cond.pooled
             kwargs["added_cond_kwargs"] = {"text_embeds": pooled, "time_ids": time_ids}
-        out = model(x_in.to(self.dtype), torch.cat([t, t]) if cfg else t, return_dict=False, **kwargs)[0].float()
+        out = self.weights.active()(x_in.to(self.dtype), torch.cat([t, t]) if cfg else t, return_dict=False, **kwargs)[0].float()
         if cfg:
             uncond, text = out.chunk(2)
             out = uncond + guidance_scale * (text - uncond)
@@ -285,25 +263,9 @@ class UNetPolicy:
             return root_abar * out + s * x.float()
         return (x.float() - root_abar * out) / s
 
-    _use_reference = False
-
-    @contextlib.contextmanager
     def reference(self):
         """Within this context ``predict`` is the frozen reference policy (for the KL term)."""
-        if self.finetune == "lora":
-            self.unet.disable_adapters()
-            try:
-                yield
-            finally:
-                self.unet.enable_adapters()
-        else:
-            if self._reference is None:
-                raise RuntimeError("full fine-tuning without a reference copy: set model.needs_reference=true")
-            self._use_reference = True
-            try:
-                yield
-            finally:
-                self._use_reference = False
+        return self.weights.reference()
 
     # ---------------------------------------------------------- schedule/io
     def sigmas(self, num_steps: int) -> torch.Tensor:
@@ -345,66 +307,25 @@ class UNetPolicy:
 
     # ---------------------------------------------------------------- weights
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
-        return {k: v.detach().cpu().clone() for k, v in self.unet.named_parameters() if v.requires_grad}
+        return self.weights.trainable_state_dict()
 
     def load_trainable_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        params = dict(self.unet.named_parameters())
-        unknown = sorted(set(state) - set(params))
-        if unknown:
-            raise KeyError(f"checkpoint has weights this model lacks (first: {unknown[:3]}); was it trained on another base?")
-        with torch.no_grad():
-            for k, v in state.items():
-                params[k].copy_(v)
+        self.weights.load_trainable_state_dict(state)
 
     def save_lora(self, out_dir: str | Path) -> Path:
-        """Write the UNet's LoRA in diffusers' format (pytorch_lora_weights.safetensors, with the LoRA
-        config as metadata so rank and alpha come back): ``<Pipeline>.from_pretrained(base)
-        .load_lora_weights(out_dir)`` then predicts as this policy does. Returns out_dir."""
-        if self.finetune != "lora":
-            raise ValueError("save_lora needs model.finetune=lora; a fully fine-tuned UNet exports with save_merged")
+        """Write the UNet's LoRA in diffusers' format (pytorch_lora_weights.safetensors: keys under ``unet.``
+        in diffusers' own LoRA names, the LoRA config as metadata so rank and alpha come back):
+        ``<Pipeline>.from_pretrained(base).load_lora_weights(out_dir)`` then predicts as this policy does,
+        <Pipeline> being the base folder's pipeline class. Returns out_dir."""
         import diffusers
-        from diffusers.utils import convert_state_dict_to_diffusers
-        from peft.utils import get_peft_model_state_dict
 
-        out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(self.unet))
-        pipeline = getattr(diffusers, self.pipeline_class)
-        pipeline.save_lora_weights(
-            out, unet_lora_layers={k: v.detach().cpu().contiguous() for k, v in layers.items()},
-            unet_lora_adapter_metadata=self.unet.peft_config["default"].to_dict(), safe_serialization=True)
-        return out
-
-    def merged_unet_state_dict(self) -> dict[str, torch.Tensor]:
-        """The UNet's plain weights (CPU, the base dtype) with any LoRA folded in: W + scale * B A."""
-        from peft.tuners.tuners_utils import BaseTunerLayer
-
-        state = {}
-        for name, tensor in self.unet.state_dict().items():
-            parts = name.split(".")
-            if any(p.startswith("lora_") for p in parts):
-                continue
-            state[".".join(p for p in parts if p != "base_layer")] = tensor.detach().cpu()
-        for name, module in self.unet.named_modules():
-            if isinstance(module, BaseTunerLayer):
-                base = module.get_base_layer().weight
-                delta = module.get_delta_weight("default")
-                # Folded in fp32, then stored in the base weights' dtype.
-                state[f"{name}.weight"] = (base.detach().float() + delta.detach().float()).to(base.dtype).cpu()
-        return {k: v.contiguous() for k, v in state.items()}
+        return self.weights.save_lora(out_dir, getattr(diffusers, self.pipeline_class), diffusers_keys=True)
 
     def save_merged(self, out_dir: str | Path) -> Path:
-        """Write a complete diffusers folder: the base folder's other components copied, the UNet with
-        the LoRA merged (or the fully fine-tuned weights). ``<Pipeline>.from_pretrained(out_dir)`` loads
-        it. out_dir must not exist or be empty. Returns out_dir."""
-        from safetensors.torch import save_file
-
+        """Write a complete diffusers folder: the base folder's other components, the UNet with the LoRA
+        merged (or the fully fine-tuned weights). ``<Pipeline>.from_pretrained(out_dir)`` loads it.
+        out_dir must not exist or be empty. Returns out_dir."""
         out = Path(out_dir)
         if out.exists() and any(out.iterdir()):
             raise FileExistsError(f"{out} is not empty; save_merged writes a whole pipeline folder into a new one")
-        shutil.copytree(self.folder, out, dirs_exist_ok=True,
-                        ignore=lambda d, names: ["unet"] if Path(d) == self.folder else [])
-        (out / "unet").mkdir()
-        self.unet.save_config(out / "unet")
-        save_file(self.merged_unet_state_dict(), str(out / "unet" / "diffusion_pytorch_model.safetensors"))
-        return out
+        return self.weights.save_merged(out, self.folder)

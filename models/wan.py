@@ -13,8 +13,6 @@ Not supported: Wan 2.2 A14B's two experts (``boundary_ratio`` with ``transformer
 """
 from __future__ import annotations
 
-import contextlib
-import copy
 import json
 import shutil
 from dataclasses import dataclass
@@ -22,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from models.finetune import TransformerWeights
 from models.sd3 import _dtype, load_component
 
 # Self-attention (attn1) and text cross-attention (attn2) projections of every block: the LoRA targets
@@ -43,8 +42,7 @@ class WanPolicy:
 
     Args:
       path: local diffusers folder with model_index.json (a WanPipeline folder, or the toy's).
-      finetune: "lora" (peft adapters on ``lora_targets``; the reference is the adapters disabled) or
-        "full" (all transformer weights; the reference is a frozen copy, made only when ``needs_reference``).
+      finetune: "lora" | "full" (see models.finetune.TransformerWeights).
       lora_rank, lora_alpha, lora_targets: LoRA shape; targets are module-name suffixes.
       dtype: "auto" (bf16 on GPU, fp32 on CPU) | "float32" | "bfloat16" | "float16".
       gradient_checkpointing: recompute transformer activations in backward (needed for 14B / long clips).
@@ -55,6 +53,7 @@ class WanPolicy:
       height, width: frame size in pixels; multiples of the VAE's spatial factor times the patch size.
       flow_shift: null keeps the checkpoint scheduler's shift (Wan 2.1 480p ships 3.0; 5.0 suits 720p);
         a number replaces it.
+      needs_reference: full fine-tuning keeps a frozen copy for the KL term (the trainer sets it).
       device: where the model runs.
     """
 
@@ -124,28 +123,9 @@ class WanPolicy:
             if module is not None:
                 module.requires_grad_(False).eval().to(self.device)
         self._check_sizes()
-
-        self.finetune = finetune
-        self.lora_rank, self.lora_alpha = lora_rank, float(lora_alpha)
-        self._reference = None
-        self.transformer.to(self.device)
-        if finetune == "lora":
-            from peft import LoraConfig
-
-            self.transformer.requires_grad_(False)
-            self.transformer.add_adapter(
-                LoraConfig(r=lora_rank, lora_alpha=lora_alpha, init_lora_weights="gaussian", target_modules=list(lora_targets))
-            )
-            # Adapters in fp32 even on a bf16 base: their updates are small relative to the weights.
-            for p in self.transformer.parameters():
-                if p.requires_grad:
-                    p.data = p.data.float()
-        else:
-            self.transformer.requires_grad_(True)
-            if needs_reference:
-                self._reference = copy.deepcopy(self.transformer).requires_grad_(False).eval()
-        if gradient_checkpointing:
-            self.transformer.enable_gradient_checkpointing()
+        self.weights = TransformerWeights(self.transformer.to(self.device), finetune, lora_rank, lora_alpha,
+                                          lora_targets, needs_reference, gradient_checkpointing)
+        self.transformer = self.weights.transformer
         self._cache: dict[str, torch.Tensor] = {}
 
     def _check_sizes(self) -> None:
@@ -202,7 +182,6 @@ class WanPolicy:
 
         x [B, C, F', h, w]; sigma [B] in [0, 1]. Returns [B, C, F', h, w] in the model dtype.
         """
-        model = self._reference if self._reference is not None and self._use_reference else self.transformer
         cfg = guidance_scale > 1.0
         x_in = torch.cat([x, x]) if cfg else x
         emb = torch.cat([cond.neg_prompt_embeds, cond.prompt_embeds]) if cfg else cond.prompt_embeds
@@ -212,31 +191,15 @@ class WanPolicy:
             pt, ph, pw = self.transformer.config.patch_size
             tokens = (x.shape[2] // pt) * (x.shape[3] // ph) * (x.shape[4] // pw)
             timestep = timestep[:, None].expand(-1, tokens)
-        out = model(hidden_states=x_in.to(self.dtype), timestep=timestep, encoder_hidden_states=emb, return_dict=False)[0]
+        out = self.weights.active()(hidden_states=x_in.to(self.dtype), timestep=timestep, encoder_hidden_states=emb, return_dict=False)[0]
         if not cfg:
             return out
         uncond, text = out.chunk(2)
         return uncond + guidance_scale * (text - uncond)
 
-    _use_reference = False
-
-    @contextlib.contextmanager
     def reference(self):
         """Within this context ``predict`` is the frozen reference policy (for the KL term)."""
-        if self.finetune == "lora":
-            self.transformer.disable_adapters()
-            try:
-                yield
-            finally:
-                self.transformer.enable_adapters()
-        else:
-            if self._reference is None:
-                raise RuntimeError("full fine-tuning without a reference copy: set model.needs_reference=true")
-            self._use_reference = True
-            try:
-                yield
-            finally:
-                self._use_reference = False
+        return self.weights.reference()
 
     # ---------------------------------------------------------- schedule/io
     def sigmas(self, num_steps: int) -> torch.Tensor:
@@ -271,80 +234,27 @@ class WanPolicy:
             video = self.vae.decode(z, return_dict=False)[0].float()  # [B, 3, F, H, W] in [-1, 1]
         return (video.permute(0, 2, 1, 3, 4) / 2 + 0.5).clamp(0, 1)
 
+    # ----------------------------------------------------------- weights
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
-        return {k: v.detach().cpu().clone() for k, v in self.transformer.named_parameters() if v.requires_grad}
+        return self.weights.trainable_state_dict()
 
     def load_trainable_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        params = dict(self.transformer.named_parameters())
-        unknown = sorted(set(state) - set(params))
-        if unknown:
-            raise KeyError(f"checkpoint has weights this model lacks (first: {unknown[:3]}); was it trained on another base?")
-        with torch.no_grad():
-            for k, v in state.items():
-                params[k].copy_(v)
+        self.weights.load_trainable_state_dict(state)
 
-    # -------------------------------------------------------------- export
     def save_lora(self, out_dir: str | Path) -> Path:
-        """Write the adapters in diffusers' LoRA format (pytorch_lora_weights.safetensors with its LoraConfig).
-
-        ``WanPipeline.from_pretrained(base).load_lora_weights(out_dir)`` then reproduces this policy.
-        Raises ValueError for full fine-tuning (there is no adapter: use save_merged).
-        """
-        if self.finetune != "lora":
-            raise ValueError("model.finetune=full trains every weight, so there is no LoRA to save: use save_merged")
+        """A diffusers LoRA folder: ``WanPipeline.from_pretrained(base).load_lora_weights(out_dir)`` then
+        reproduces this policy. Raises ValueError for full fine-tuning (there is no adapter: use save_merged)."""
         from diffusers import WanPipeline
-        from peft.utils import get_peft_model_state_dict
 
-        out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        layers = {k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(self.transformer).items()}
-        # The LoraConfig travels as metadata: without it diffusers would assume alpha = rank.
-        metadata = self.transformer.peft_config["default"].to_dict()
-        metadata["target_modules"] = sorted(metadata["target_modules"])
-        WanPipeline.save_lora_weights(out, transformer_lora_layers=layers, transformer_lora_adapter_metadata=metadata)
-        return out
-
-    def merged_transformer(self) -> torch.nn.Module:
-        """A plain (adapter-free) copy of the transformer with the LoRA update W + (alpha/r) B A folded in."""
-        base = type(self.transformer).from_config(self.transformer.config).to(self.transformer.dtype)
-        state = {k: v.detach().cpu() for k, v in self.transformer.state_dict().items()}
-        if self.finetune == "lora":
-            scale = self.lora_alpha / self.lora_rank
-            merged = {}
-            for key, value in state.items():
-                if ".lora_" in key:
-                    continue
-                if ".base_layer." in key:
-                    prefix = key.split(".base_layer.")[0]
-                    if key.endswith("weight"):
-                        a = state[f"{prefix}.lora_A.default.weight"].float()
-                        b = state[f"{prefix}.lora_B.default.weight"].float()
-                        value = (value.float() + scale * (b @ a)).to(value.dtype)
-                    key = key.replace(".base_layer.", ".")
-                merged[key] = value
-            state = merged
-        base.load_state_dict(state, strict=True)
-        return base
+        return self.weights.save_lora(out_dir, WanPipeline)
 
     def save_merged(self, out_dir: str | Path) -> Path:
-        """Write a complete diffusers folder (the base's other components + the merged transformer).
-
-        ``WanPipeline.from_pretrained(out_dir)`` loads it; weights keep the base's dtype.
-        """
-        out = Path(out_dir)
-        if out.resolve() == self.folder.resolve():
-            raise ValueError(f"save_merged would overwrite the base checkpoint {self.folder}; choose another out_dir")
-        out.mkdir(parents=True, exist_ok=True)
-        for item in self.folder.iterdir():
-            if item.name == "transformer":
-                continue
-            if item.is_dir():
-                shutil.copytree(item, out / item.name, dirs_exist_ok=True)
-            else:
-                shutil.copy2(item, out / item.name)
-        if (out / "transformer").exists():
-            shutil.rmtree(out / "transformer")
-        self.merged_transformer().save_pretrained(out / "transformer")
-        if self._shift_overridden:  # the shift trained with, not the base's
+        """Write a complete diffusers folder (the base's other components + the merged transformer):
+        ``WanPipeline.from_pretrained(out_dir)`` loads it; weights keep the base's dtype. A flow_shift
+        override is written into its scheduler (the shift trained with, not the base's)."""
+        out = self.weights.save_merged(out_dir, self.folder)
+        if self._shift_overridden:
+            # The scheduler folder's files are hard links to the base's: replace them, never write through.
+            shutil.rmtree(out / "scheduler")
             self.scheduler.save_pretrained(out / "scheduler")
         return out
