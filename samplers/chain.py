@@ -128,27 +128,29 @@ class ChainSampler:
         return Plan(mask, torch.tensor(etas, dtype=torch.float32))
 
     # --------------------------------------------------------------------------- the steps
-    def _guidance_shift(self, x0: torch.Tensor, sigmas: torch.Tensor, j: int) -> torch.Tensor:
-        """scale * (sigma_j - sigma_{j+1}) * grad_x0 R(x0), fp32, detached."""
+    def _guidance_shift(self, x0: torch.Tensor, sigmas: torch.Tensor, j: int, prompt_ids: torch.Tensor | None) -> torch.Tensor:
+        """scale * (sigma_j - sigma_{j+1}) * grad_x0 R(x0, sigma_j, prompt_ids), fp32, detached."""
         with torch.enable_grad():
             leaf = x0.detach().float().requires_grad_(True)
-            reward = self.reward_guidance(leaf, sigmas[:, j])
+            reward = self.reward_guidance(leaf, sigmas[:, j], prompt_ids)
             (grad,) = torch.autograd.grad(reward.sum(), leaf)
         step = per_sample(sigmas[:, j] - sigmas[:, j + 1], x0)
         return self.reward_guidance_scale * step * grad
 
     def transition(
-        self, x: torch.Tensor, out: torch.Tensor, sigmas: torch.Tensor, j: int, eta: float
+        self, x: torch.Tensor, out: torch.Tensor, sigmas: torch.Tensor, j: int, eta: float,
+        prompt_ids: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Mean and std of stochastic step j: the one arithmetic path for rollout and training."""
+        """Mean and std of stochastic step j: the one arithmetic path for rollout and training.
+        ``prompt_ids`` [B] reach the reward guidance (a prompt-aware reward needs them)."""
         mean, std = self.kernel.transition(x, out, sigmas, j, eta)
         if self.reward_guidance_scale != 0:
-            mean = mean + self._guidance_shift(self.kernel.clean(x, out, sigmas[:, j]), sigmas, j)
+            mean = mean + self._guidance_shift(self.kernel.clean(x, out, sigmas[:, j]), sigmas, j, prompt_ids)
         return mean, std
 
     def deterministic_step(
         self, x: torch.Tensor, out: torch.Tensor, x0: torch.Tensor, sigmas: torch.Tensor, j: int,
-        prev_x0: torch.Tensor | None,
+        prev_x0: torch.Tensor | None, prompt_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """x_{j+1} of a deterministic step (the kernel's first-order step, or DPM-Solver++(2M))."""
         if self.ode_solver == "euler":
@@ -156,7 +158,7 @@ class ChainSampler:
         else:
             x_next = dpm_solver_2m(self.kernel, x, x0, prev_x0, sigmas, j)
         if self.reward_guidance_scale != 0:
-            x_next = x_next + self._guidance_shift(x0, sigmas, j)
+            x_next = x_next + self._guidance_shift(x0, sigmas, j, prompt_ids)
         return x_next
 
     # --------------------------------------------------------------------------- rollout
@@ -203,12 +205,12 @@ class ChainSampler:
             out = predict_fn(x, sig[:, j], cond).float()
             x0 = self.kernel.clean(x, out, sig[:, j])
             if stochastic[j]:
-                mean, std = self.transition(x, out, sig, j, float(etas[j]))
+                mean, std = self.transition(x, out, sig, j, float(etas[j]), prompt_ids)
                 eps = torch.stack([torch.randn(x.shape[1:], generator=g) for g in generators]).to(x.device)
                 x = mean + per_sample(std, x) * eps
                 log_probs.append(gaussian_log_prob(x, mean, std, self.log_prob_reduction))
             else:
-                x = self.deterministic_step(x, out, x0, sig, j, prev_x0)
+                x = self.deterministic_step(x, out, x0, sig, j, prev_x0, prompt_ids)
                 log_probs.append(torch.zeros(B, device=x.device))
             prev_x0 = x0
             pred_x0.append(x0)
@@ -239,7 +241,7 @@ class ChainSampler:
         out = predict_fn(x, traj.sigmas[:, j], cond).float()
         # The rollout passed this step's eta as a Python float read from the same fp32 value; reading it
         # back here (one scalar, a device sync on GPU like the check above) keeps the arithmetic identical.
-        mean, std = self.transition(x, out, traj.sigmas, j, float(traj.noise_levels[0, j]))
+        mean, std = self.transition(x, out, traj.sigmas, j, float(traj.noise_levels[0, j]), traj.prompt_ids)
         return gaussian_log_prob(traj.latents[:, j + 1], mean, std, self.log_prob_reduction), mean, std
 
     # --------------------------------------------------------------------- evaluation, state

@@ -108,6 +108,8 @@ def train(
                          needs_reference=algorithm.needs_reference() or cfg.data.clean_source == "base")
     sampler: Sampler = instantiate(asdict(cfg.sampler))
     check_prediction(policy, sampler)
+    if hasattr(getattr(sampler, "reward_guidance", None), "bind"):  # guidance that decodes or reads prompts
+        sampler.reward_guidance.bind(policy, prompts)
     eval_sampler = sampler.evaluation()
     aggregator = instantiate(cfg.aggregate)
     # Scoring chunk by chunk equals scoring the batch unless a reward compares samples (a win rate).

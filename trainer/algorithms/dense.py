@@ -60,7 +60,7 @@ class DualGRPOConfig(GRPOConfig):
     """conf/algorithm/dual_grpo.yaml documents each knob."""
 
     _target_: str = "trainer.algorithms.dense.DualGRPO"
-    process_reward: Optional[Any] = None  # {_target_: ...} latent reward (x0_hat, sigma) -> [B]; null: sampler.reward_guidance
+    process_reward: Optional[Any] = None  # {_target_: ...} latent reward (x0_hat, sigma, prompt_ids) -> [B]; null: sampler.reward_guidance
     process_weight: float = 0.5  # advantage = (1 - w) * outcome + w * process
 
 
@@ -363,6 +363,8 @@ class DualGRPO:
     def update(self, batch: Batch, ctx: Context) -> dict[str, float]:
         c = self.cfg
         process = self._process if self._process is not None else ctx.sampler.reward_guidance
+        if hasattr(process, "bind"):  # a prompt-aware or decoding process reward: the run's policy and prompts
+            process.bind(ctx.policy, ctx.prompts)
         t0 = time.time()
         values = process_values(batch, process)
         seconds = time.time() - t0
@@ -393,5 +395,6 @@ def process_values(batch: Batch, process) -> torch.Tensor:
     for traj in batch.chunks:
         S = traj.stochastic.shape[1]
         clean = torch.cat([traj.pred_x0, traj.latents[:, -1:]], 1)  # [B, S+1, *L]
-        rows.append(torch.stack([process(clean[:, k].float(), traj.sigmas[:, k]).float() for k in range(S + 1)], 1).cpu())
+        rows.append(torch.stack([process(clean[:, k].float(), traj.sigmas[:, k], traj.prompt_ids).float()
+                                 for k in range(S + 1)], 1).cpu())
     return torch.cat(rows)

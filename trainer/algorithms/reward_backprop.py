@@ -151,7 +151,7 @@ def rollout_noise(chain: ChainSampler, predict, traj: Trajectory, cond, start: i
             continue
         x = traj.latents[:, j]
         out = predict(x, traj.sigmas[:, j], cond).float()
-        mean, std = chain.transition(x, out, traj.sigmas, j, float(traj.noise_levels[0, j]))
+        mean, std = chain.transition(x, out, traj.sigmas, j, float(traj.noise_levels[0, j]), traj.prompt_ids)
         std = per_sample(std, x)
         noise[j] = torch.where(std > 0, (traj.latents[:, j + 1] - mean) / torch.where(std > 0, std, 1.0), 0.0)
     return noise
@@ -175,9 +175,9 @@ def replay(
         out = predict(x, sig[:, j], cond).float()
         x0 = chain.kernel.clean(x, out, sig[:, j])
         if bool(traj.stochastic[0, j]):
-            mean, std = chain.transition(x, out, sig, j, float(traj.noise_levels[0, j]))
+            mean, std = chain.transition(x, out, sig, j, float(traj.noise_levels[0, j]), traj.prompt_ids)
             return mean + per_sample(std, x) * noise[j], x0
-        return chain.deterministic_step(x, out, x0, sig, j, prev_x0), x0
+        return chain.deterministic_step(x, out, x0, sig, j, prev_x0, traj.prompt_ids), x0
 
     x = traj.latents[:, start]
     prev_x0 = traj.pred_x0[:, start - 1] if start > 0 else None
