@@ -36,3 +36,22 @@ def test_the_readme_main_job(tmp_path):
     before, after = summary["eval_before"], summary["eval_after"]
     assert after["eval/accuracy"] > before["eval/accuracy"] + 0.04, (before, after)
     assert after["eval/digit"] > before["eval/digit"] + 0.04, (before, after)
+
+
+def test_dual_grpo_guided_by_the_digit_classifier_of_each_prompt(tmp_path):
+    """The sampler's reward guidance and dual_grpo's process reward are the digit classifier's log-probability
+    of the digit each sample's prompt asks for, on the decoded clean prediction (samplers.guidance.DecodedReward,
+    bound to the policy and prompts by the trainer): the job runs, the recomputed log-probs equal the guided
+    rollout's, and the process reward's step gains are logged."""
+    guide = ("{_target_: samplers.guidance.DecodedReward, log: true, "
+             "reward: {_target_: rewards.digits.DigitReward, component: prob}}")
+    run([sys.executable, "-m", "launch.train", f"run_dir={tmp_path}", "logger=none", "train.progress=false",
+         "train.num_threads=1", "train.steps=2", "algorithm=dual_grpo", "data.prompts_per_step=2",
+         "algorithm.group_size=4", "train.micro_batch=8", "data.eval_size=10", "algorithm.process_reward=null",
+         f"sampler.reward_guidance={guide}", "sampler.reward_guidance_scale=2.0"], timeout=600)
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in rows if "train/loss" in r]
+    assert [r["step"] for r in steps] == [1, 2]
+    for r in steps:
+        assert r["train/onpolicy_log_ratio_max"] == 0.0, "recomputed log-prob differs from the guided rollout's"
+        assert r["time/dense_rewards"] > 0
