@@ -17,6 +17,8 @@ import warnings
 import numpy as np
 import torch
 
+from rewards.grammar import unreadable
+
 # Straight or curly double quotes around at least one character. Single quotes are left out on
 # purpose: they collide with apostrophes ("a dog's sign that says 'hi'").
 DEFAULT_PATTERN = r"[\"“]([^\"”]+)[\"”]"
@@ -160,7 +162,7 @@ class OcrReward:
     def check_prompts(self, prompts: list[str]) -> None:
         """Raise ValueError, before any image is drawn, when some of `prompts` quote no text: an OCR reward
         on them would fail at the first batch (or, with a looser pattern, train on nothing)."""
-        missing = [p for p in prompts if not self.normalize(" ".join(self.pattern.findall(p)))]
+        missing = unreadable(prompts, self.wanted_text)
         if missing:
             how = "in double quotes" if self.pattern.pattern == DEFAULT_PATTERN else f"matching {self.pattern.pattern!r}"
             raise ValueError(
