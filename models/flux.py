@@ -100,6 +100,8 @@ class FluxPolicy:
       gradient_checkpointing: recompute transformer activations in backward.
       max_sequence_length: T5 tokens (FLUX.1-dev 512, schnell 256).
       height, width: image size in pixels (multiples of 16 for the 8x VAE); they also set the schedule's shift.
+      schedule_shift: None = the pipeline's resolution-dependent shift (mu); a number s = a fixed shift of
+        linspace(1, 0, S+1), sigma' = s sigma / (1 + (s - 1) sigma) (DanceGRPO's and MixGRPO's schedule, shift 3).
       needs_reference: full fine-tuning keeps a frozen copy for the KL term (the trainer sets it).
       device: where the model runs.
     """
@@ -116,9 +118,13 @@ class FluxPolicy:
         max_sequence_length: int = 512,
         height: int = 512,
         width: int = 512,
+        schedule_shift: float | None = None,
         needs_reference: bool = True,
         device: str | torch.device = "cpu",
     ):
+        if schedule_shift is not None and not schedule_shift > 0:
+            raise ValueError(f"model.schedule_shift ({schedule_shift}) must be > 0 (or null: the pipeline's shift)")
+        self.schedule_shift = None if schedule_shift is None else float(schedule_shift)
         self.folder, index = check_folder(path, "FLUX.1", "FluxTransformer2DModel", (
             "scheduler", "vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2"))
         if finetune not in ("lora", "full"):
@@ -200,7 +206,13 @@ class FluxPolicy:
 
     # ---------------------------------------------------------- schedule/io
     def sigmas(self, num_steps: int) -> torch.Tensor:
-        """[S+1] fp32 noise levels FluxPipeline uses for model.height x model.width images, ending at 0."""
+        """[S+1] fp32 noise levels FluxPipeline uses for model.height x model.width images, ending at 0;
+        with ``schedule_shift`` s, s t / (1 + (s - 1) t) over t = linspace(1, 0, S+1) instead."""
+        if self.schedule_shift is not None:
+            # float64 then one rounding to fp32, like the scheduler's own sigmas.
+            t = torch.linspace(1.0, 0.0, num_steps + 1, dtype=torch.float64)
+            s = self.schedule_shift
+            return (s * t / (1 + (s - 1) * t)).float()
         h, w = self.latent_shape(self.height, self.width)[1:]
         mu = shift_mu((h // 2) * (w // 2), self.scheduler.config)
         sigmas = None if self.scheduler.config.get("use_flow_sigmas") else np.linspace(1.0, 1 / num_steps, num_steps)

@@ -191,3 +191,18 @@ def test_model_configs_build_the_policy(flux_dir, schnell_dir, config, guidance_
     assert policy.transformer.is_gradient_checkpointing and policy.dtype == torch.float32  # auto on CPU
     assert {n.rsplit(".lora_A", 1)[0].rsplit(".", 1)[-1] for n, _ in policy.transformer.named_parameters()
             if "lora_A" in n} == {"to_q", "to_k", "to_v", "0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"}
+
+
+def test_fixed_schedule_shift_is_dancegrpo_schedule(flux_dir):
+    """Ground truth: DanceGRPO / MixGRPO's FLUX schedule, s t / (1 + (s - 1) t) over t = linspace(1, 0, S+1),
+    written out here in float64 for s = 3, S = 16; the default keeps the pipeline's resolution shift."""
+    S, s = 16, 3.0
+    expected = [s * (1 - i / S) / (1 + (s - 1) * (1 - i / S)) for i in range(S + 1)]
+    got = make_policy(flux_dir, schedule_shift=s).sigmas(S)
+    assert got.dtype == torch.float32 and got.shape == (S + 1,)
+    assert torch.allclose(got.double(), torch.tensor(expected, dtype=torch.float64), atol=1e-7, rtol=0)
+    assert got[0] == 1.0 and got[-1] == 0.0
+    default = make_policy(flux_dir).sigmas(S)
+    assert not torch.allclose(default, got)  # the pipeline's mu shift is another schedule
+    with pytest.raises(ValueError, match="model.schedule_shift"):
+        make_policy(flux_dir, schedule_shift=0.0)
