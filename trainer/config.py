@@ -88,6 +88,8 @@ class TrainLoopConfig:
     max_consecutive_skips: int = 5  # abort after this many consecutive updates skipped for NaN/inf
     grid_every: int = 5
     ema_decay: Optional[float] = None  # EMA of the trainable weights (e.g. 0.9): evaluated, checkpointed, exportable
+    ema_every: int = 1  # update the EMA after every n-th iteration (Flow-GRPO: every 8 optimizer steps = 4 iterations)
+    ema_warmup: bool = False  # decay min(ema_decay, (1 + n) / (10 + n)), n = optimizer steps so far (Flow-GRPO, NFT)
     num_threads: int = 0  # torch threads per process on CPU; 0 = cores / local processes
     device: str = "auto"  # "auto" | "cpu" | "cuda"
     progress: bool = True
@@ -308,6 +310,11 @@ def validate(cfg: TrainConfig, world_size: int) -> None:
         p.append(f"train.keep_last ({t.keep_last}) and train.save_every ({t.save_every}) must be >= 0")
     if t.ema_decay is not None and not 0 <= t.ema_decay < 1:
         p.append(f"train.ema_decay ({t.ema_decay}) must be in [0, 1) (or null: no EMA)")
+    if t.ema_every < 1:
+        p.append(f"train.ema_every ({t.ema_every}) must be >= 1 (iterations between EMA updates)")
+    if t.ema_decay is None and (t.ema_every != 1 or t.ema_warmup):
+        p.append("train.ema_every / train.ema_warmup shape the EMA, but train.ema_decay is null (no EMA): set "
+                 "train.ema_decay (e.g. 0.9) or drop them")
     if t.ema_decay is not None and cfg.deepspeed.zero_stage == 3:
         p.append("train.ema_decay needs whole weights on every rank; ZeRO-3 shards them: use deepspeed=zero2 or drop the EMA")
     if t.max_consecutive_skips < 1:

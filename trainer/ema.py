@@ -1,6 +1,11 @@
 """An exponential moving average of the policy's trainable weights (``train.ema_decay``).
 
-    ema <- decay * ema + (1 - decay) * weights        after every iteration's update
+    ema <- d_n * ema + (1 - d_n) * weights        after every ``train.ema_every``-th iteration's update
+
+d_n = decay, or with ``train.ema_warmup`` d_n = min(decay, (1 + n) / (10 + n)), n the optimizer steps
+taken so far (Flow-GRPO's and DiffusionNFT's ramp: the first updates follow the weights closely).
+Flow-GRPO updates its EMA (decay 0.9, ramp) every 8 optimizer steps: with 2 optimizer steps per
+iteration that is ``ema_every: 4``. DanceGRPO's (0.995) is a plain per-iteration EMA.
 
 Kept in fp32 on the weights' device, keyed like ``policy.trainable_state_dict()`` so it is saved as
 ``ema.safetensors`` beside ``policy.safetensors`` in every checkpoint (restored on resume, bit-exact),
@@ -18,17 +23,31 @@ import torch
 class PolicyEMA:
     """EMA of the trainable parameters of ``module`` (those with requires_grad)."""
 
-    def __init__(self, module: torch.nn.Module, decay: float):
+    def __init__(self, module: torch.nn.Module, decay: float, every: int = 1, warmup: bool = False):
         if not 0.0 <= decay < 1.0:
             raise ValueError(f"train.ema_decay ({decay}) must be in [0, 1)")
-        self.decay = float(decay)
+        if every < 1:
+            raise ValueError(f"train.ema_every ({every}) must be >= 1")
+        self.decay, self.every, self.warmup = float(decay), int(every), bool(warmup)
         self.params = {k: p for k, p in module.named_parameters() if p.requires_grad}
         self.shadow = {k: p.detach().float().clone() for k, p in self.params.items()}
 
+    def decay_at(self, optimizer_steps: int) -> float:
+        """d_n after ``optimizer_steps`` optimizer steps (a pure function: nothing to checkpoint)."""
+        if not self.warmup:
+            return self.decay
+        return min(self.decay, (1 + optimizer_steps) / (10 + optimizer_steps))
+
     @torch.no_grad()
-    def update(self) -> None:
+    def update(self, iteration: int = 1, optimizer_steps: int = 0) -> bool:
+        """After iteration ``iteration`` (1-based) with ``optimizer_steps`` optimizer steps taken so far;
+        updates only every ``every``-th iteration. Returns whether it updated."""
+        if iteration % self.every:
+            return False
+        d = self.decay_at(optimizer_steps)
         for k, p in self.params.items():
-            self.shadow[k].mul_(self.decay).add_(p.detach().float(), alpha=1.0 - self.decay)
+            self.shadow[k].mul_(d).add_(p.detach().float(), alpha=1.0 - d)
+        return True
 
     @contextlib.contextmanager
     @torch.no_grad()

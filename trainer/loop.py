@@ -134,7 +134,8 @@ def train(
         policy, cfg.optimizer, cfg.deepspeed, tcfg.micro_batch, grad_accum, world.world_size, algo.max_grad_norm,
         cfg.scheduler, resume.universal,
     )
-    ema = PolicyEMA(policy.transformer, tcfg.ema_decay) if tcfg.ema_decay is not None else None
+    ema = (PolicyEMA(policy.transformer, tcfg.ema_decay, tcfg.ema_every, tcfg.ema_warmup)
+           if tcfg.ema_decay is not None else None)
     # Everything the loop changes besides the engine and the generators (saved in trainer_state.json).
     state = {"wandb_id": secrets.token_hex(4), "skipped_updates": 0, "consecutive_skips": 0}
     if resume.checkpoint is not None:
@@ -255,7 +256,8 @@ def train(
         else:
             stepper.skipped = algo.inner_epochs * algo.optimizer_steps_per_epoch
         if ema is not None:
-            ema.update()
+            # Optimizer steps taken so far (skipped ones included: the ramp follows the schedule, not luck).
+            ema.update(step + 1, (step + 1) * algo.inner_epochs * algo.optimizer_steps_per_epoch)
         t_train = time.time()
 
         metrics = global_nanmean(_reward_values(scored))

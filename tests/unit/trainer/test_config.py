@@ -424,3 +424,13 @@ def test_forward_process_algorithms_refuse_epsilon_models(algorithm):
     """nft and dpo noise clean samples with the rectified-flow process: an SD1.x/SDXL (DDIM) run is refused."""
     with pytest.raises(ConfigError, match=f"algorithm={algorithm} trains flow-matching .* use algorithm=ddpo"):
         validate(_typed([f"algorithm={algorithm}", "sampler=ddim", "sampler.noise_level=1.0"]), 1)
+
+
+def test_ema_shape_knobs_need_an_ema_and_a_positive_interval():
+    with pytest.raises(ConfigError) as info:
+        validate(_typed(["train.ema_every=4"]), 1)
+    assert any(p.startswith("train.ema_every / train.ema_warmup") for p in info.value.problems)
+    with pytest.raises(ConfigError) as info:
+        validate(_typed(["train.ema_decay=0.9", "train.ema_every=0"]), 1)
+    assert any(p.startswith("train.ema_every (0)") for p in info.value.problems)
+    validate(_typed(["train.ema_decay=0.9", "train.ema_every=4", "train.ema_warmup=true"]), 1)

@@ -53,3 +53,29 @@ def test_state_round_trip_and_checks():
         a.load_state_dict({})
     with pytest.raises(ValueError, match=r"train.ema_decay \(1.0\) must be in \[0, 1\)"):
         PolicyEMA(_module(), 1.0)
+
+
+def test_warmup_and_interval_follow_flow_grpo_ema():
+    """Ground truth: Flow-GRPO's EMA (decay 0.9, ramp min(0.9, (1+n)/(10+n)), n optimizer steps so far),
+    updated every 4th iteration here (2 optimizer steps per iteration), recomputed by hand in float64 on a
+    scalar weight that is set to the iteration number before each update."""
+    m = torch.nn.Linear(1, 1, bias=False)
+    with torch.no_grad():
+        m.weight.fill_(0.0)
+    ema = PolicyEMA(m, decay=0.9, every=4, warmup=True)
+    expected, updated = 0.0, []
+    for it in range(1, 41):
+        with torch.no_grad():
+            m.weight.fill_(float(it))
+        n = 2 * it
+        if ema.update(it, n):
+            d = min(0.9, (1 + n) / (10 + n))
+            expected = d * expected + (1 - d) * it
+            updated.append(it)
+    assert updated == list(range(4, 41, 4))
+    assert abs(float(ema.shadow["weight"]) - expected) < 1e-5
+    assert ema.decay_at(0) == pytest.approx(0.1) and ema.decay_at(1000) == 0.9
+    plain = PolicyEMA(m, decay=0.9)
+    assert plain.decay_at(0) == 0.9  # no ramp unless asked
+    with pytest.raises(ValueError, match="train.ema_every"):
+        PolicyEMA(m, decay=0.9, every=0)
