@@ -157,7 +157,7 @@ def _write_failed(exc: BaseException, tmp: Path, run_dir: Path) -> CheckpointErr
         if 0 <= free < 256 << 20:
             return CheckpointError(f"saving checkpoint {tmp.name} failed: no space left in {run_dir} "
                                    f"({free / 2**20:.1f} MiB free; torch said: {text.strip()[-120:]}); the partial "
-                                   f"folder was removed: free space (or lower train.keep_last) and relaunch; {resumes}")
+                                   f"folder was removed; free space (or lower train.keep_last): {resumes}")
     return None
 
 
