@@ -12,6 +12,7 @@ The model is rebuilt from the checkpoint's config.yaml by its own adapter (``sav
 ``save_merged``), so every model family exports the same way. The export is written to a hidden
 sibling folder first and renamed into place when complete: a stopped export never leaves a folder
 that looks whole, and ``overwrite=true`` replaces an old export only once the new one is complete.
+The checkpoint's files are checked against their checksums (COMPLETE.json) before they are read.
 """
 from __future__ import annotations
 
@@ -30,6 +31,8 @@ import hydra
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
+from trainer.errors import UserError
+
 
 @dataclass
 class ExportConfig:
@@ -43,6 +46,10 @@ class ExportConfig:
 
 
 ConfigStore.instance().store(name="export", node=ExportConfig)
+
+
+class ExportError(UserError, ValueError):
+    """The export's arguments are wrong (every problem listed, each with its fix)."""
 
 
 def _problems(cfg: ExportConfig) -> list[str]:
@@ -93,22 +100,24 @@ def export(cfg: ExportConfig) -> Path:
     Raises ValueError listing every problem with the arguments (including a full fine-tune without
     merge=true) before any model loads. Whatever fails later leaves ``out`` as it was.
     """
+    from trainer.checkpoint import CONFIG_FILE, POLICY_FILE, check_files
+
+    ckpt = Path(cfg.checkpoint)
+    if (ckpt / CONFIG_FILE).is_file() and (ckpt / POLICY_FILE).is_file():
+        check_files(ckpt, (CONFIG_FILE, POLICY_FILE))  # before _problems reads config.yaml
     problems = _problems(cfg)
     if problems:
-        raise ValueError("cannot export:\n  - " + "\n  - ".join(problems))
-    from launch.sample import load_policy
+        raise ExportError("cannot export:\n  - " + "\n  - ".join(problems))
+    from launch.sample import load_policy, publish, staging
+    from trainer.checkpoint import EMA_FILE, load_safetensors
 
+    if cfg.ema:
+        check_files(Path(cfg.checkpoint), (EMA_FILE,))
     policy, run_cfg = load_policy(cfg.checkpoint, cfg.device, **({"dtype": cfg.dtype} if cfg.dtype else {}))
     if cfg.ema:
-        from safetensors.torch import load_file
-
-        from trainer.checkpoint import EMA_FILE
-
-        policy.load_trainable_state_dict(load_file(str(Path(cfg.checkpoint) / EMA_FILE)))
+        policy.load_trainable_state_dict(load_safetensors(Path(cfg.checkpoint) / EMA_FILE))
     out = Path(cfg.out).resolve()  # resolved: "." or "dir/" still have a name for the sibling folders
-    tmp = out.with_name(f".{out.name}.partial")
-    shutil.rmtree(tmp, ignore_errors=True)  # a previous export stopped midway
-    tmp.mkdir(parents=True)
+    tmp = staging(out)  # a previous export stopped midway is removed
     try:
         if cfg.merge:
             policy.save_merged(tmp)
@@ -118,14 +127,7 @@ def export(cfg: ExportConfig) -> Path:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    if out.exists():
-        old = out.with_name(f".{out.name}.replaced")
-        shutil.rmtree(old, ignore_errors=True)
-        out.rename(old)
-        tmp.rename(out)
-        shutil.rmtree(old)
-    else:
-        tmp.rename(out)
+    publish(tmp, out)
     return out
 
 
@@ -296,7 +298,12 @@ def model_card(ckpt: Path, run_cfg, merge: bool, out: Path, ema: bool = False) -
 
 @hydra.main(config_path=None, config_name="export", version_base="1.3")
 def _main(cfg: ExportConfig) -> None:
-    out = export(cfg)
+    from hydra.core.hydra_config import HydraConfig
+
+    from trainer.errors import reporting_user_errors
+
+    with reporting_user_errors(verbose=bool(HydraConfig.get().verbose)):
+        out = export(cfg)
     kind = "full diffusers folder" if cfg.merge else "LoRA weights"
     print(f"wrote {kind} and README.md to {out}")
 

@@ -37,9 +37,19 @@ def _strip_launcher_args() -> None:
 
 @hydra.main(config_path="../conf", config_name="train", version_base="1.3")
 def _main(dcfg: DictConfig) -> None:
-    from launch.run_dir import default_run_dir
-    from trainer.config import validate
+    from trainer.errors import reporting_user_errors
+
+    # Inside the task function, so that Hydra's handler (a traceback and its HYDRA_FULL_ERROR hint)
+    # only ever sees bugs; steerflow's own errors print one message and exit EXIT_USER_ERROR.
+    with reporting_user_errors(verbose=bool(HydraConfig.get().verbose), rank=int(os.environ.get("RANK", 0))):
+        _train(dcfg)
+
+
+def _train(dcfg: DictConfig) -> None:
+    from launch.run_dir import default_run_dir, run_dir_problems
+    from trainer.config import ConfigError, validate
     from trainer.distributed import init_distributed, set_threads, shutdown_distributed
+    from trainer.errors import UserError
     from trainer.loop import train
     from trainer.preemption import EXIT_PREEMPTED, Preempted, StopRequests
     from trainer.resume import prepare_resume
@@ -48,20 +58,24 @@ def _main(dcfg: DictConfig) -> None:
     world = init_distributed(cfg.train.device, cfg.deepspeed.backend)
     ok = False
     try:
-        validate(cfg, world.world_size)
+        validate(cfg, world.world_size, files=True)
         set_threads(cfg.train.num_threads, world)
         run_dir = Path(cfg.run_dir) if cfg.run_dir else default_run_dir(cfg.exp_name, list(HydraConfig.get().overrides.task))
+        problems = run_dir_problems(run_dir, "run_dir" if cfg.run_dir else "the run directory")
+        if problems:
+            raise ConfigError(problems)
         resolved = OmegaConf.to_yaml(dcfg, resolve=True)
         resume = prepare_resume(cfg.train.resume, run_dir, resolved, world, cfg.deepspeed.zero_stage)
         if resume.step > cfg.train.steps:
-            raise ValueError(f"{resume.checkpoint} is at step {resume.step}, beyond train.steps={cfg.train.steps}; "
-                             "raise train.steps or start over with train.resume=fresh")
+            raise UserError(f"{resume.checkpoint} is at step {resume.step}, beyond train.steps={cfg.train.steps}; "
+                            "raise train.steps or start over with train.resume=fresh")
         if resume.step == cfg.train.steps and (run_dir / "summary.json").is_file():
             if world.is_main:
                 print(f"{run_dir} is already complete ({resume.step} steps); nothing to do. "
                       "Raise train.steps to continue it, or train.resume=fresh to run it again.")
             ok = True
             return
+        created = not run_dir.exists()
         run_dir.mkdir(parents=True, exist_ok=True)
         if world.is_main:
             (run_dir / "config.yaml").write_text(resolved)
@@ -79,12 +93,27 @@ def _main(dcfg: DictConfig) -> None:
                     requeue()
             shutdown_distributed()
             sys.exit(EXIT_PREEMPTED)
+        except BaseException:
+            if created and world.is_main:
+                _remove_if_empty(run_dir)
+            raise
         _report(summary, run_dir, world)
         ok = True
     finally:
         # Multirun: the next job builds its own process group and engine in this same process. After a
         # failure no barrier: the other ranks may be stuck in another collective.
         shutdown_distributed(clean=ok)
+
+
+def _remove_if_empty(run_dir: Path) -> None:
+    """A launch that failed before logging anything leaves no run directory behind (only its config.yaml)."""
+    import shutil
+
+    if (run_dir / "metrics.jsonl").is_file() and (run_dir / "metrics.jsonl").stat().st_size:
+        return
+    if any(f.is_file() and f.name != "config.yaml" for f in run_dir.rglob("*")):
+        return
+    shutil.rmtree(run_dir, ignore_errors=True)
 
 
 def _report(summary: dict, run_dir: Path, world) -> None:

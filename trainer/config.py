@@ -6,8 +6,10 @@ of the wrong type fails at compose time with Hydra's message naming the key. Par
 """
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import pkgutil
+import typing
 from dataclasses import asdict, dataclass, field
 from typing import Any, Dict, List, Optional
 
@@ -18,6 +20,8 @@ from hydra.utils import get_class
 
 import trainer.algorithms as algorithms_pkg
 from trainer.algorithms.base import AlgorithmConfig
+from trainer.errors import UserError
+from trainer.prompts import DEFAULT_MAX_PROMPT_CHARS, PromptsError, load_prompts
 from omegaconf import MISSING, OmegaConf
 
 
@@ -72,6 +76,8 @@ class DataConfig:
     # (reference) model's deterministic sample of the same prompt (cached; clean_variants per prompt).
     clean_source: Optional[str] = None
     clean_variants: int = 4
+    # A longer prompt is refused (text encoders truncate silently: CLIP at 77 tokens, T5 at a few hundred).
+    max_prompt_chars: int = DEFAULT_MAX_PROMPT_CHARS
 
 
 @dataclass
@@ -194,7 +200,7 @@ def register() -> None:
         OmegaConf.register_new_resolver("sf.root", lambda: str(ROOT))
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """Every cross-field violation at once, each with the values and the fix."""
 
     def __init__(self, problems: list[str]):
@@ -243,12 +249,140 @@ def check_prediction(policy, sampler) -> None:
                          f"({type(sampler).__name__}) needs {wanted}: use {fix}")
 
 
-def validate(cfg: TrainConfig, world_size: int) -> None:
-    """Check rules that span fields before any heavy work; raise ConfigError listing all violations."""
+# Every int/float knob of the typed schema must be > 0, except these, where 0 is legal and means what
+# is said (a negative is refused for all). Stricter rules (upper bounds, >= 2, what a knob needs of
+# another) live with the knob's owner (the rules below, an algorithm's or a sampler's problems()).
+ZERO_MEANS = {
+    "seed": "a seed like any other",
+    "sampler.guidance_scale": "unconditional predictions",
+    "sampler.start_step": "the whole chain",
+    "sampler.noise_level": "deterministic sampling",
+    "sampler.window_start": "the window starts at the first step",
+    "sampler.window_start_max": "a window that starts at the first step",
+    "sampler.reward_guidance_scale": "no reward guidance",
+    "algorithm.max_grad_norm": "no gradient clipping",
+    "algorithm.kl_beta": "no KL penalty",
+    "algorithm.process_weight": "outcome advantages only",
+    "algorithm.ema_ramp": "the old policy follows the current one",
+    "algorithm.ema_max": "the old policy follows the current one",
+    "deepspeed.zero_stage": "no ZeRO sharding",
+    "data.eval_size": "every held-out prompt",
+    "train.steps": "evaluate only",
+    "train.eval_every": "evaluate only before and after",
+    "train.save_every": "save only at the end",
+    "train.keep_last": "keep every checkpoint",
+    "train.grid_every": "no training sample grids",
+    "train.num_threads": "cores / local processes",
+    "train.ema_decay": "an EMA that is the latest weights",
+    "train.onpolicy_tolerance": "the on-policy ratio must be exactly 1",
+}
+
+
+def numeric_knobs(node, prefix: str = "") -> dict[str, Any]:
+    """``{dotted key: value}`` of every int/float field of a typed config dataclass (nested ones too);
+    None values (optional knobs left off) and bools are skipped."""
+    out: dict[str, Any] = {}
+    hints = typing.get_type_hints(type(node))
+    for f in dataclasses.fields(node):
+        value = getattr(node, f.name)
+        if dataclasses.is_dataclass(value):
+            out.update(numeric_knobs(value, f"{prefix}{f.name}."))
+            continue
+        kind = hints[f.name]
+        kinds = [k for k in typing.get_args(kind) if k is not type(None)] if typing.get_args(kind) else [kind]
+        if kinds in ([int], [float]) and value is not None:
+            out[prefix + f.name] = value
+    return out
+
+
+def _range_problems(cfg: TrainConfig) -> list[str]:
+    p = []
+    for key, value in numeric_knobs(cfg).items():
+        zero = ZERO_MEANS.get(key)
+        if value < 0 or (value == 0 and zero is None):
+            p.append(f"{key} ({value}) must be {'>= 0' if zero else '> 0'}" + (f" (0: {zero})" if zero else ""))
+    return p
+
+
+def _optimizer_problems(opt) -> list[str]:
+    """The optimizer is a free-form ``_target_`` node (no schema): check the knobs every torch optimizer reads."""
+    if not isinstance(opt, dict):
+        return []
+    p = []
+
+    def number(key, value, ok, rule):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            p.append(f"optimizer.{key} ({value!r}) must be a number {rule}")
+        elif not ok(value):
+            p.append(f"optimizer.{key} ({value}) must be {rule}")
+
+    if "lr" in opt:
+        number("lr", opt["lr"], lambda v: v > 0, "> 0 (e.g. optimizer.lr=1e-4)")
+    if "weight_decay" in opt:
+        number("weight_decay", opt["weight_decay"], lambda v: v >= 0, ">= 0 (0: no decay)")
+    if "eps" in opt:
+        number("eps", opt["eps"], lambda v: v > 0, "> 0")
+    if "betas" in opt:
+        betas = opt["betas"]
+        if not isinstance(betas, (list, tuple)) or len(betas) != 2:
+            p.append(f"optimizer.betas ({betas!r}) must be two numbers in [0, 1), e.g. [0.9, 0.999]")
+        else:
+            for i, b in enumerate(betas):
+                number(f"betas[{i}]", b, lambda v: 0 <= v < 1, "in [0, 1)")
+    return p
+
+
+def _path_problems(cfg: TrainConfig) -> list[str]:
+    """Files and folders the run reads, checked before anything loads."""
+    p = []
+    d = cfg.data
+    counts = {}
+    for key, path in (("data.prompts", d.prompts), ("data.eval_prompts", d.eval_prompts)):
+        try:
+            counts[key] = len(load_prompts(path, key, max(d.max_prompt_chars, 1)))
+        except PromptsError as e:
+            p.append(str(e))
+    if "data.prompts" in counts and 0 < counts["data.prompts"] < d.prompts_per_step:
+        p.append(f"data.prompts_per_step ({d.prompts_per_step}) exceeds the {counts['data.prompts']} prompts in "
+                 f"data.prompts={d.prompts!r}; lower it or add prompts")
+    model_path = cfg.model.get("path") if isinstance(cfg.model, dict) else None
+    if isinstance(model_path, str) and not Path(model_path).expanduser().is_dir():
+        p.append(f"model.path={model_path!r} is not a folder: give the local diffusers folder of the base model")
+    return p
+
+
+def _checked(rules, *args, excused: bool) -> list[str]:
+    """``rules(*args)``; when some knob is already out of range (``excused``), a rule that cannot even
+    run on such values is skipped (the range problem says what to fix), otherwise its error stands."""
+    try:
+        return list(rules(*args))
+    except Exception:
+        if excused:
+            return []
+        raise
+
+
+def validate(cfg: TrainConfig, world_size: int, files: bool = False) -> None:
+    """Check every numeric knob and the rules that span fields, before any heavy work (the model, the
+    run directory); with ``files`` (launch.train) also the files the run reads (prompts: readable
+    UTF-8 text, not empty, no line over data.max_prompt_chars; model.path a folder). Raises
+    ConfigError listing all violations at once."""
+    ranged = _range_problems(cfg) + _optimizer_problems(cfg.optimizer)
+    p = _checked(_cross_field_problems, cfg, world_size, excused=bool(ranged))
+    p += _path_problems(cfg) if files else []
+    # A knob out of range is reported once: by its owner's more precise rule when it has one.
+    owned = [q for q in ranged if not any(x.startswith(q.split(" (", 1)[0] + " (") for x in p)]
+    if owned or p:
+        raise ConfigError(owned + p)
+
+
+def _cross_field_problems(cfg: TrainConfig, world_size: int) -> list[str]:
     p: list[str] = []
     a, t, d, s = cfg.algorithm, cfg.train, cfg.data, cfg.sampler
     total = d.prompts_per_step * a.group_size
-    if total % (world_size * t.micro_batch):
+    if world_size * t.micro_batch <= 0 or a.optimizer_steps_per_epoch <= 0:
+        pass  # reported by the range rules; the divisibility below needs them positive
+    elif total % (world_size * t.micro_batch):
         p.append(
             f"data.prompts_per_step ({d.prompts_per_step}) * algorithm.group_size ({a.group_size}) = {total} must be "
             f"divisible by world_size ({world_size}) * train.micro_batch ({t.micro_batch}); change one of them"
@@ -275,8 +409,8 @@ def validate(cfg: TrainConfig, world_size: int) -> None:
             p.append(f"algorithm ({a._target_}) needs its own schema ({algorithm_cls.Config.__name__}): pick it with "
                      "algorithm=<name>, not by overriding algorithm._target_")
         else:
-            p.extend(algorithm_cls.problems(a, cfg, world_size))
-        p.extend(_sampler_problems(s, algorithm_cls.needs_log_probs))
+            p.extend(_checked(algorithm_cls.problems, a, cfg, world_size, excused=bool(_range_problems(cfg))))
+        p.extend(_checked(_sampler_problems, s, algorithm_cls.needs_log_probs, excused=bool(_range_problems(cfg))))
     if s.start_step > 0 and d.clean_source is None:
         p.append(f"sampler.start_step ({s.start_step}) starts partial chains from clean samples: set data.clean_source=base "
                  "(the base model's own samples of each prompt), or use start_step 0")
@@ -329,12 +463,11 @@ def validate(cfg: TrainConfig, world_size: int) -> None:
         except (ValueError, TypeError) as e:
             p.append(str(e))
     pairwise = sorted(n for n, r in cfg.rewards.items() if isinstance(r, dict) and str(r.get("_target_", "")).endswith("WinRate"))
-    if pairwise and (total // world_size) % a.group_size:
+    if pairwise and a.group_size > 0 and (total // world_size) % a.group_size:
         p.append(f"rewards {pairwise} compare samples within a group, so each rank must hold whole groups: "
                  f"data.prompts_per_step ({d.prompts_per_step}) must be divisible by world_size ({world_size})")
     unknown_gold = sorted(set(cfg.monitor.gold or []) - set(cfg.eval_rewards))
     if unknown_gold:
         p.append(f"monitor.gold names {unknown_gold} that are not in eval_rewards ({sorted(cfg.eval_rewards)}); "
                  "add them to eval_rewards or fix the names")
-    if p:
-        raise ConfigError(p)
+    return p

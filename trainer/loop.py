@@ -85,8 +85,8 @@ def train(
     resume = resume or ResumePoint()
     t_start = time.time()
     algo, tcfg = cfg.algorithm, cfg.train
-    prompts = load_prompts(cfg.data.prompts)
-    eval_prompts = load_prompts(cfg.data.eval_prompts, "data.eval_prompts")
+    prompts = load_prompts(cfg.data.prompts, "data.prompts", cfg.data.max_prompt_chars)
+    eval_prompts = load_prompts(cfg.data.eval_prompts, "data.eval_prompts", cfg.data.max_prompt_chars)
     if cfg.data.prompts_per_step > len(prompts):  # checked before the model loads
         raise ValueError(f"data.prompts_per_step ({cfg.data.prompts_per_step}) exceeds the {len(prompts)} prompts in "
                          f"data.prompts={cfg.data.prompts!r}; lower it or add prompts")

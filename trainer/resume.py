@@ -19,9 +19,11 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from trainer.checkpoint import (
-    CONFIG_FILE, ENGINE_TAG, UNIVERSAL_DIR, complete_checkpoints, is_complete, load_trainer_state, remove_partial,
+    CONFIG_FILE, ENGINE_TAG, UNIVERSAL_DIR, CheckpointError, load_trainer_state, remove_partial, set_aside,
+    step_folders, verify,
 )
 from trainer.distributed import World, barrier
+from trainer.errors import UserError
 
 # Config keys that may differ between the checkpoint and the relaunch: where outputs go, how they are
 # shown, resources, checkpoint cadence, and the schedule's end (a run can be extended). Everything
@@ -30,10 +32,11 @@ DRIFT_FREE = (
     "run_dir", "exp_name", "logger.", "train.progress", "train.num_threads", "train.device", "train.resume",
     "train.save_every", "train.keep_last", "train.max_consecutive_skips", "train.requeue", "train.grid_every",
     "train.steps", "train.eval_every", "train.overlap_rewards",
+    "data.max_prompt_chars",  # a guard that refuses inputs, never changes results (and older runs lack it)
 )
 
 
-class ConfigDriftError(ValueError):
+class ConfigDriftError(UserError, ValueError):
     """The relaunch's result-changing config differs from the checkpoint's."""
 
 
@@ -118,13 +121,68 @@ def _universal(ckpt: Path, world: World) -> None:
     barrier()
 
 
+def _from_main(value):
+    """Rank 0's ``value`` on every rank (rank 0 alone reads and hashes checkpoints)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def metrics_rows(path: Path) -> int:
+    """How many rows ``metrics.jsonl`` holds (0 when there is none)."""
+    if not path.is_file():
+        return 0
+    return sum(1 for line in path.read_text(errors="replace").splitlines() if line.strip())
+
+
+def _drift_error(source: Path, drift: list[str]) -> ConfigDriftError:
+    return ConfigDriftError(
+        f"cannot resume {source}: the config changed in keys that change results:\n  "
+        + "\n  ".join(drift)
+        + "\nRelaunch with the checkpoint's values, or start over with train.resume=fresh "
+        "(the earlier run is kept beside it), or use a new run_dir=."
+    )
+
+
+def newest_sound_checkpoint(run_dir: Path) -> tuple[Path | None, list[str]]:
+    """The newest checkpoint of ``run_dir`` whose files match their seal (rank 0 only: it changes files).
+
+    Damaged ones newer than it are renamed to ``step_<N>.corrupt`` (kept, never read again) with a
+    warning naming the file and the mismatch. Returns (checkpoint or None, one line per damaged one).
+    """
+    damaged = []
+    for ckpt in reversed(step_folders(run_dir)):
+        problems, checksummed = verify(ckpt)
+        if not problems:
+            if not checksummed:
+                print(f"note: {ckpt} was sealed by an older steerflow without checksums: only file sizes were checked",
+                      flush=True)
+            return ckpt, damaged
+        aside = set_aside(ckpt)
+        line = f"{ckpt.name}: {'; '.join(problems)} (moved to {aside.name})"
+        damaged.append(line)
+        print(f"WARNING: checkpoint {line}; falling back to the previous one", flush=True)
+    return None, damaged
+
+
 def prepare_resume(mode: str, run_dir: Path, resolved_yaml: str, world: World, zero_stage: int) -> ResumePoint:
     """Decide where this launch starts and make the run directory agree with it.
 
-    mode: "auto" (continue from the newest complete checkpoint if there is one), "fresh" (move an
+    mode: "auto" (continue from the newest sound checkpoint if there is one), "fresh" (move an
     existing run aside to ``<run_dir>.replaced-<time>`` and start over), or the path of a checkpoint
-    folder to continue from. Every rank calls this; rank 0 alone changes files.
-    Raises ConfigDriftError when the checkpoint's result-changing config differs from this one.
+    folder to continue from. Every rank calls this; rank 0 alone reads checksums and changes files.
+
+    Nothing is overwritten silently: a run directory that holds metrics is continued only from a
+    checkpoint whose files match their checksums, and only if the config agrees with the one the run
+    was launched with (its config.yaml) and with the checkpoint's. A damaged newest checkpoint falls
+    back to the previous sound one, with a warning.
+    Raises ConfigDriftError when a result-changing key differs; CheckpointError when the run has
+    metrics but no sound checkpoint is left (train.resume=fresh moves it aside to start over), or
+    when the checkpoint named by ``mode`` is damaged.
     """
     run_dir = Path(run_dir)
     metrics = run_dir / "metrics.jsonl"
@@ -135,35 +193,46 @@ def prepare_resume(mode: str, run_dir: Path, resolved_yaml: str, world: World, z
             print(f"train.resume=fresh: the earlier run in {run_dir} was moved to {aside}", flush=True)
         barrier()
         return ResumePoint()
+    rows = metrics_rows(metrics)
+    # The run's own config.yaml (written at every launch) guards every path that reuses the folder,
+    # also the one where no checkpoint is left.
+    if rows and (run_dir / CONFIG_FILE).is_file():
+        drift = config_drift((run_dir / CONFIG_FILE).read_text(), resolved_yaml)
+        if drift:
+            raise _drift_error(run_dir, drift)
+    error, chosen = None, None
     if world.is_main:
         for d in remove_partial(run_dir):
             print(f"removed an interrupted checkpoint write: {d}", flush=True)
-    barrier()
-    if mode != "auto":
-        ckpt = Path(mode)
-        if not is_complete(ckpt):
-            raise FileNotFoundError(
-                f"train.resume={mode!r} is not a complete checkpoint folder (no valid COMPLETE.json); pass a "
-                f"run's checkpoints/step_<N> folder, or train.resume=auto for the newest one"
-            )
-    else:
-        found = complete_checkpoints(run_dir)
-        ckpt = found[-1] if found else None
-    if ckpt is None:
-        if world.is_main and metrics.exists():
-            truncate_metrics(metrics, -1)
-            print(f"{run_dir} holds no complete checkpoint: starting it again from step 0", flush=True)
+        if mode != "auto":
+            problems, checksummed = verify(Path(mode))
+            if problems:
+                error = (f"train.resume={mode!r} is not a sound checkpoint folder: {'; '.join(problems)}. Pass another "
+                         "run's checkpoints/step_<N> folder, or train.resume=auto for the newest sound one")
+            else:
+                chosen = mode
+                if not checksummed:
+                    print(f"note: {mode} was sealed by an older steerflow without checksums: only file sizes were "
+                          "checked", flush=True)
+        else:
+            ckpt, damaged = newest_sound_checkpoint(run_dir)
+            chosen = str(ckpt) if ckpt is not None else None
+            if ckpt is None and (damaged or rows):
+                what = ("every checkpoint is damaged:\n  " + "\n  ".join(damaged)) if damaged else "no checkpoint"
+                error = (f"{run_dir} holds a run ({rows} metrics rows) but {what}\nNothing was changed. To start it over "
+                         "from step 0, relaunch with train.resume=fresh (the earlier run is moved aside, not deleted), "
+                         "or use a new run_dir=.")
+    error, chosen = _from_main((error, chosen))
+    if error is not None:
+        raise CheckpointError(error)
+    if chosen is None:
         barrier()
         return ResumePoint()
+    ckpt = Path(chosen)
 
     drift = config_drift((ckpt / CONFIG_FILE).read_text(), resolved_yaml)
     if drift:
-        raise ConfigDriftError(
-            f"cannot resume {ckpt}: the config changed in keys that change results:\n  "
-            + "\n  ".join(drift)
-            + "\nRelaunch with the checkpoint's values, or start over with train.resume=fresh "
-            "(the earlier run is kept beside it), or use a new run_dir=."
-        )
+        raise _drift_error(ckpt, drift)
     state = load_trainer_state(ckpt)
     universal = False
     if state["world_size"] != world.world_size:

@@ -53,6 +53,6 @@ def test_trained_run_exports_to_diffusers(tmp_path, tiny_sd3_dir):
     assert "| steps | 1 of train.steps=1," in card and "| jpeg (trained) | 1 |" in card
 
     proc = run([sys.executable, "-m", "launch.export", f"checkpoint={ckpt}", f"out={tmp_path / 'lora'}", "merge=true"],
-               expect=1)
+               expect=2)  # a user error (trainer/errors.py): one message, no traceback
     assert "is not empty" in proc.stderr and "overwrite=true" in proc.stderr
     assert (tmp_path / "lora" / "README.md").read_text() == card

@@ -20,6 +20,7 @@ from safetensors.torch import load_file
 
 from jobs import ROOT, SMALL, Torchrun, job_env, run
 from trainer.checkpoint import COMPLETE_FILE, complete_checkpoints, is_complete
+from trainer.errors import EXIT_USER_ERROR
 from trainer.preemption import EXIT_PREEMPTED
 
 TRAIN = [sys.executable, "-m", "launch.train"]
@@ -168,7 +169,7 @@ def test_reward_state_is_restored_on_resume(tmp_path):
 
 def test_config_drift_is_refused_and_infrastructure_keys_may_change(tmp_path):
     launch(tmp_path, "train.steps=1")
-    proc = launch(tmp_path, "train.steps=2", "algorithm.kl_beta=0.5", "data.prompts_per_step=2", expect=1)
+    proc = launch(tmp_path, "train.steps=2", "algorithm.kl_beta=0.5", "data.prompts_per_step=2", expect=EXIT_USER_ERROR)
     assert "algorithm.kl_beta: checkpoint=0.01, now=0.5" in proc.stderr
     assert "data.prompts_per_step: checkpoint=4, now=2" in proc.stderr and "train.resume=fresh" in proc.stderr
     # Logging, threads, checkpoint cadence and the schedule's end may change: the run is extended.
