@@ -75,3 +75,37 @@ def test_a_non_finite_update_is_skipped_and_training_continues(world, zero_stage
     assert _same(before[2], after[2]), "the LR schedule advanced on a skipped step"
     _, skipped = step(False)
     assert not skipped and not _same(before[0], _snapshot(engine, optimizer)[0]), "training did not resume"
+
+
+class _NaNGrad(torch.autograd.Function):
+    """Identity forward (a finite loss), NaN backward: the case the loss check cannot see."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return torch.full_like(grad, float("nan"))
+
+
+@pytest.mark.parametrize("zero_stage", [0, 2])
+def test_a_finite_loss_with_a_nan_gradient_is_caught_by_the_gradient_check(world, zero_stage):
+    """Only the guard's own gradient check can skip this step: the loss is finite and nothing sets
+    force_skip. Mutation-checked: without the guard's isfinite check over the gradients the ZeRO-0 case
+    fails (ZeRO-2's own overflow check still catches it)."""
+    engine, optimizer, guard = _engine(zero_stage)
+    x = torch.randn(2, 4)
+    engine.backward(engine(x).sum())
+    assert not optimizer_step(engine, guard)[1]
+    before = _snapshot(engine, optimizer)
+    loss = _NaNGrad.apply(engine(x)).sum()
+    assert torch.isfinite(loss) and not guard.force_skip
+    engine.backward(loss)
+    _, skipped = optimizer_step(engine, guard)
+    assert skipped, "a NaN gradient behind a finite loss reached the optimizer"
+    after = _snapshot(engine, optimizer)
+    assert _same(before[0], after[0]) and _same(before[1], after[1]) and _same(before[2], after[2])
+    engine.backward(engine(x).sum())
+    assert not optimizer_step(engine, guard)[1]
+    assert not _same(before[0], _snapshot(engine, optimizer)[0]), "training did not resume"
