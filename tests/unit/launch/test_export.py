@@ -13,6 +13,13 @@ from trained_checkpoints import STEP, TINY_SD3, make_checkpoint, random_inputs, 
 from launch.export import ExportConfig, export
 
 TOL = 1e-5
+
+
+def _close(out, trained) -> bool:
+    """Equal up to fp32 rounding: a merged export computes (W + BA) x where the trained policy computed
+    W x + B(A x), so the difference grows with the outputs' size (1e-5 relative to the largest, at least
+    1e-5 absolute; the GEMM kernels of the machine set the exact rounding)."""
+    return bool((out - trained).abs().max() <= TOL * max(1.0, float(trained.abs().max())))
 EVAL_ROWS = [
     {"step": 0, "eval/geneval": 0.25, "eval/geneval/count": 0.5, "eval/jpeg": -3.5, "eval/num_prompts": 16},
     {"step": 1, "reward/total": 0.1},
@@ -58,7 +65,7 @@ def test_lora_export_loads_into_the_base_pipeline_and_reproduces_the_trained_tra
     inputs = random_inputs(pipe.transformer)
     trained = _assert_trained_not_base(policy, transformer_out(pipe.transformer, inputs), inputs)
     pipe.load_lora_weights(out)
-    assert (transformer_out(pipe.transformer, inputs) - trained).abs().max() <= TOL
+    assert _close(transformer_out(pipe.transformer, inputs), trained)
 
 
 def test_merged_export_is_a_full_folder_with_the_trained_transformer(lora_run, tiny_sd3_dir, tmp_path):
@@ -70,7 +77,7 @@ def test_merged_export_is_a_full_folder_with_the_trained_transformer(lora_run, t
     base = _pipeline(tiny_sd3_dir)
     inputs = random_inputs(pipe.transformer)
     trained = _assert_trained_not_base(policy, transformer_out(base.transformer, inputs), inputs)
-    assert (transformer_out(pipe.transformer, inputs) - trained).abs().max() <= TOL
+    assert _close(transformer_out(pipe.transformer, inputs), trained)
     # Every other component is the base's, byte for byte.
     for name in ("vae", "text_encoder", "text_encoder_2", "text_encoder_3", "tokenizer", "scheduler"):
         cmp = filecmp.dircmp(tiny_sd3_dir / name, out / name)
@@ -92,7 +99,7 @@ def test_full_finetune_exports_merged_and_refuses_a_lora(tmp_path, tiny_sd3_dir)
     base = _pipeline(tiny_sd3_dir)
     inputs = random_inputs(pipe.transformer)
     trained = _assert_trained_not_base(policy, transformer_out(base.transformer, inputs), inputs)
-    assert (transformer_out(pipe.transformer, inputs) - trained).abs().max() <= TOL
+    assert _close(transformer_out(pipe.transformer, inputs), trained)
     assert "full (every weight of the denoiser)" in (out / "README.md").read_text()
 
 
@@ -112,7 +119,7 @@ def test_the_shipped_toy_exports_both_ways(tmp_path, merge):
         pipe = base
         pipe.load_lora_weights(out)
     assert pipe.vae is None and pipe.text_encoder_2 is None and pipe.text_encoder_3 is None
-    assert (transformer_out(pipe.transformer, inputs) - trained).abs().max() <= TOL
+    assert _close(transformer_out(pipe.transformer, inputs), trained)
     # The card's snippet passes the absent slots, so it runs as written.
     assert ", text_encoder_2=None, text_encoder_3=None, tokenizer_2=None, tokenizer_3=None, vae=None)" in \
         (out / "README.md").read_text()
@@ -237,9 +244,9 @@ def test_a_video_model_exports_both_ways(tmp_path):
     pipe = WanPipeline.from_pretrained(folder, vae=None)  # the toy has no VAE (pixel space)
     trained = _assert_trained_not_base(policy, transformer_out(pipe.transformer, inputs), inputs)
     pipe.load_lora_weights(lora)
-    assert (transformer_out(pipe.transformer, inputs) - trained).abs().max() <= TOL
+    assert _close(transformer_out(pipe.transformer, inputs), trained)
     pipe = WanPipeline.from_pretrained(merged, vae=None)
-    assert (transformer_out(pipe.transformer, inputs) - trained).abs().max() <= TOL
+    assert _close(transformer_out(pipe.transformer, inputs), trained)
     card = (lora / "README.md").read_text()
     assert "| family (adapter) | `models.wan.WanPolicy` |" in card
     assert f'pipe = WanPipeline.from_pretrained("{folder}", vae=None)' in card
