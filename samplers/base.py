@@ -73,6 +73,7 @@ class Kernel(Protocol):
 
     prediction: str  # what predict_fn must return: "velocity" | "epsilon"
     max_noise_level: float  # largest eta the formula is defined for (inf when unbounded)
+    std_carries_sqrt_dt: bool  # the transition std is a diffusion scale times sqrt(sigma_j - sigma_{j+1})
 
     def transition(
         self, x: torch.Tensor, out: torch.Tensor, sigmas: torch.Tensor, j: int, eta: float

@@ -244,6 +244,20 @@ class ChainSampler:
         mean, std = self.transition(x, out, traj.sigmas, j, float(traj.noise_levels[0, j]), traj.prompt_ids)
         return gaussian_log_prob(traj.latents[:, j + 1], mean, std, self.log_prob_reduction), mean, std
 
+    def kl_std(self, traj: Trajectory, j: int, std: torch.Tensor, convention: str) -> torch.Tensor:
+        """[B] the scale of the KL term to the reference at step j, for a transition std ``std`` [B].
+
+        "exact": the transition std itself (the true KL of two Gaussians with equal std). "flow_grpo":
+        Flow-GRPO's std_t, the kernel's diffusion scale without the sqrt(sigma_j - sigma_{j+1}) factor
+        that kernels whose std is std_t sqrt(dt) carry (flow_sde, dance_sde); CPS and DDIM write their
+        std without that factor, so there both conventions are the same number.
+        """
+        if convention == "exact" or not self.kernel.std_carries_sqrt_dt:
+            return std
+        if convention != "flow_grpo":
+            raise ValueError(f"algorithm.kl_convention must be 'flow_grpo' or 'exact', got {convention!r}")
+        return std / torch.sqrt((traj.sigmas[:, j] - traj.sigmas[:, j + 1]).float())
+
     # --------------------------------------------------------------------- evaluation, state
     def evaluation(self) -> "ChainSampler":
         """The deterministic sampler of the same family for evaluation: eval_num_steps, no noise, the

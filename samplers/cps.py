@@ -44,6 +44,7 @@ def cps_transition(
 
 class CPS(FlowMatching):
     max_noise_level = 1.0
+    std_carries_sqrt_dt = False  # std = sigma_next sin(eta pi / 2) (ChainSampler.kl_std)
 
     def transition(self, x, out, sigmas, j, eta):
         return cps_transition(x, out, sigmas[:, j], sigmas[:, j + 1], eta)

@@ -35,6 +35,7 @@ def dance_transition(
 
 class DanceSDE(FlowMatching):
     max_noise_level = float("inf")
+    std_carries_sqrt_dt = True  # std = eta sqrt(-dt): std_t = eta (ChainSampler.kl_std)
 
     def transition(self, x, out, sigmas, j, eta):
         return dance_transition(x, out, sigmas[:, j], sigmas[:, j + 1], eta)

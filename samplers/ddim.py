@@ -43,6 +43,7 @@ class DDIM:
 
     prediction = "epsilon"
     max_noise_level = 1.0
+    std_carries_sqrt_dt = False  # DDIM's sigma_t: no step factor (ChainSampler.kl_std)
 
     def transition(self, x, out, sigmas, j, eta):
         return ddim_transition(x, out, sigmas[:, j], sigmas[:, j + 1], eta)

@@ -73,6 +73,7 @@ class FlowSDE(FlowMatching):
     """Flow-GRPO's kernel (module docstring)."""
 
     max_noise_level = float("inf")
+    std_carries_sqrt_dt = True  # std = std_t sqrt(-dt) (ChainSampler.kl_std)
 
     def transition(self, x, out, sigmas, j, eta):
         return sde_transition(x, out, sigmas[:, j], sigmas[:, j + 1], eta, sigma_cap=sigmas[:, 1])

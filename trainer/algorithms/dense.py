@@ -208,9 +208,10 @@ def _slowest(seconds: float) -> float:
 
 def _ratio_update(cfg, batch: Batch, ctx: Context, adv: torch.Tensor) -> None:
     def step_loss(log_prob, old_log_prob, a, mean, ref_mean, std, j, traj):
-        return grpo_loss(log_prob, old_log_prob, a, cfg.clip_range, mean, ref_mean, std, cfg.kl_beta)
+        kl_std = ctx.sampler.kl_std(traj, j, std, cfg.kl_convention)
+        return grpo_loss(log_prob, old_log_prob, a, cfg.clip_range, mean, ref_mean, kl_std, cfg.kl_beta)
 
-    ratio_updates(batch, ctx, adv, cfg.inner_epochs, cfg.timestep_fraction, cfg.kl_beta, step_loss)
+    ratio_updates(batch, ctx, adv, cfg.inner_epochs, cfg.timestep_fraction, cfg.kl_beta, step_loss, cfg.timestep_selection)
 
 
 def _dense_reward_problems(cfg, train_cfg) -> list[str]:
@@ -249,7 +250,7 @@ class DenseGRPO:
         return self.cfg.kl_beta > 0
 
     def micro_steps(self, n_chunks: int, n_stochastic: int) -> int:
-        return n_chunks * n_train_steps(self.cfg.timestep_fraction, n_stochastic)
+        return n_chunks * n_train_steps(self.cfg.timestep_fraction, n_stochastic, self.cfg.timestep_selection)
 
     def rollout_weights(self, policy):
         return nullcontext()
@@ -296,7 +297,7 @@ class TPGRPO:
         return self.cfg.kl_beta > 0
 
     def micro_steps(self, n_chunks: int, n_stochastic: int) -> int:
-        return n_chunks * n_train_steps(self.cfg.timestep_fraction, n_stochastic)
+        return n_chunks * n_train_steps(self.cfg.timestep_fraction, n_stochastic, self.cfg.timestep_selection)
 
     def rollout_weights(self, policy):
         return nullcontext()
@@ -355,7 +356,7 @@ class DualGRPO:
         return self.cfg.kl_beta > 0
 
     def micro_steps(self, n_chunks: int, n_stochastic: int) -> int:
-        return n_chunks * n_train_steps(self.cfg.timestep_fraction, n_stochastic)
+        return n_chunks * n_train_steps(self.cfg.timestep_fraction, n_stochastic, self.cfg.timestep_selection)
 
     def rollout_weights(self, policy):
         return nullcontext()

@@ -22,11 +22,13 @@ class GRPOConfig(AlgorithmConfig):
     """conf/algorithm/grpo.yaml documents each knob."""
 
     _target_: str = "trainer.algorithms.grpo.GRPO"
-    std_scope: str = "group"  # "group": per-prompt std; "global": std over the whole batch
+    std_scope: str = "global"  # "group": per-prompt std; "global": std over the whole batch (Flow-GRPO's configs)
     adv_clip: float = 5.0
     clip_range: float = 1e-4
     kl_beta: float = 0.04
-    timestep_fraction: float = 1.0  # share of stochastic steps trained per sample
+    kl_convention: str = "flow_grpo"  # "flow_grpo": |mu - mu_ref|^2 / (2 std_t^2), std_t without sqrt(dt) | "exact"
+    timestep_fraction: float = 0.99  # share of stochastic steps trained per sample
+    timestep_selection: str = "first"  # "first": the first int(f * n) steps in order (Flow-GRPO) | "random": round(f * n) drawn per chunk
 
 
 SCHEMAS = {"schema_grpo": GRPOConfig}
@@ -41,9 +43,11 @@ def grpo_loss(
 
     Args:
       log_prob [B] (with grad), old_log_prob [B] (rollout), advantages [B].
-      mean, ref_mean [B, *L]: transition means under the policy and the reference; std [B] the
-        shared transition std. The KL of two Gaussians with equal std is |mu - mu_ref|^2 / (2 std^2)
-        per element; averaged over elements like the log-prob.
+      mean, ref_mean [B, *L]: transition means under the policy and the reference; std [B] the scale
+        of the KL term: the shared transition std gives the true KL of two Gaussians with equal std,
+        |mu - mu_ref|^2 / (2 std^2) per element (algorithm.kl_convention=exact); Flow-GRPO divides by
+        the diffusion scale std_t without sqrt(|dt|) instead (``sampler.kl_std``, kl_convention=flow_grpo).
+        Averaged over elements like the log-prob.
     Returns: (loss scalar, stats: pg_loss, kl, clip_frac, log_ratio_abs_max — all detached).
     """
     log_ratio = log_prob - old_log_prob
@@ -72,9 +76,23 @@ def check_group_knobs(cfg, problems: list[str]) -> None:
         problems.append(f"algorithm.adv_clip ({cfg.adv_clip}) must be > 0")
 
 
-def n_train_steps(timestep_fraction: float, n_stochastic: int) -> int:
-    """Stochastic steps trained per chunk (at least one)."""
-    return max(1, round(timestep_fraction * n_stochastic))
+KL_CONVENTIONS = ("flow_grpo", "exact")
+TIMESTEP_SELECTIONS = ("first", "random")
+
+
+def n_train_steps(timestep_fraction: float, n_stochastic: int, selection: str = "random") -> int:
+    """Stochastic steps trained per chunk (at least one): Flow-GRPO's int(f * n) for "first"
+    (0.99 of 10 -> 9: the last, least noisy step is never trained), round(f * n) for "random"."""
+    n = int(timestep_fraction * n_stochastic) if selection == "first" else round(timestep_fraction * n_stochastic)
+    return max(1, n)
+
+
+def check_step_knobs(cfg, problems: list[str]) -> None:
+    """Rules of the KL-convention and step-selection knobs of the GRPO family."""
+    if cfg.kl_convention not in KL_CONVENTIONS:
+        problems.append(f"algorithm.kl_convention ({cfg.kl_convention!r}) must be one of {KL_CONVENTIONS}")
+    if cfg.timestep_selection not in TIMESTEP_SELECTIONS:
+        problems.append(f"algorithm.timestep_selection ({cfg.timestep_selection!r}) must be one of {TIMESTEP_SELECTIONS}")
 
 
 def group_advantages(batch: Batch, ctx: Context, std_scope: str, adv_clip: float) -> tuple[torch.Tensor, dict]:
@@ -93,13 +111,15 @@ StepLoss = Callable[..., tuple[torch.Tensor, dict[str, torch.Tensor]]]
 
 def ratio_updates(
     batch: Batch, ctx: Context, adv: torch.Tensor, inner_epochs: int, timestep_fraction: float, kl_beta: float,
-    step_loss: StepLoss,
+    step_loss: StepLoss, selection: str = "random",
 ) -> None:
     """The reverse-process update shared by the GRPO family: for each inner epoch, chunk (in this
     rank's drawn order) and trained stochastic step j, recompute the step's log-prob on the stored
     trajectory (and the reference's mean when kl_beta > 0) and backward ``step_loss``.
 
     adv: [N_local] (one advantage per sample) or [N_local, S] (one per step).
+    selection: "first" trains the first int(f * n) stochastic steps in chain order (Flow-GRPO), "random"
+      round(f * n) steps drawn per chunk.
     """
     adv = adv.to(ctx.policy.device)
     mb = ctx.cfg.train.micro_batch
@@ -112,9 +132,13 @@ def ratio_updates(
             stochastic = traj.stochastic[0].nonzero().flatten()
             # Which steps a chunk trains is drawn per global chunk index, so 1 and N processes train
             # the same (sample, step) pairs and a resume on another world size continues alike.
-            g_steps = ctx.generator(epoch, ctx.world.rank * n_chunks + ci, 1)
-            n_train = n_train_steps(timestep_fraction, len(stochastic))
-            for j in stochastic[torch.randperm(len(stochastic), generator=g_steps)[:n_train]].tolist():
+            n_train = n_train_steps(timestep_fraction, len(stochastic), selection)
+            if selection == "first":
+                steps = stochastic[:n_train]
+            else:
+                g_steps = ctx.generator(epoch, ctx.world.rank * n_chunks + ci, 1)
+                steps = stochastic[torch.randperm(len(stochastic), generator=g_steps)[:n_train]]
+            for j in steps.tolist():
                 ref_mean = None
                 if kl_beta > 0:
                     with torch.no_grad(), ctx.policy.reference():
@@ -138,6 +162,7 @@ class GRPO:
     def problems(cls, cfg: GRPOConfig, train_cfg, world_size: int) -> list[str]:
         p: list[str] = []
         check_group_knobs(cfg, p)
+        check_step_knobs(cfg, p)
         if not 0 < cfg.timestep_fraction <= 1:
             p.append(f"algorithm.timestep_fraction ({cfg.timestep_fraction}) must be in (0, 1]")
         if cfg.clip_range <= 0:
@@ -150,7 +175,7 @@ class GRPO:
         return self.cfg.kl_beta > 0
 
     def micro_steps(self, n_chunks: int, n_stochastic: int) -> int:
-        return n_chunks * n_train_steps(self.cfg.timestep_fraction, n_stochastic)
+        return n_chunks * n_train_steps(self.cfg.timestep_fraction, n_stochastic, self.cfg.timestep_selection)
 
     def rollout_weights(self, policy):
         return nullcontext()
@@ -160,9 +185,10 @@ class GRPO:
         adv, agg_stats = group_advantages(batch, ctx, c.std_scope, c.adv_clip)
 
         def step_loss(log_prob, old_log_prob, a, mean, ref_mean, std, j, traj):
-            return grpo_loss(log_prob, old_log_prob, a, c.clip_range, mean, ref_mean, std, c.kl_beta)
+            kl_std = ctx.sampler.kl_std(traj, j, std, c.kl_convention)
+            return grpo_loss(log_prob, old_log_prob, a, c.clip_range, mean, ref_mean, kl_std, c.kl_beta)
 
-        ratio_updates(batch, ctx, adv, c.inner_epochs, c.timestep_fraction, c.kl_beta, step_loss)
+        ratio_updates(batch, ctx, adv, c.inner_epochs, c.timestep_fraction, c.kl_beta, step_loss, c.timestep_selection)
         return {f"train/{k}": v for k, v in agg_stats.items()}
 
     def after_update(self, policy) -> None:

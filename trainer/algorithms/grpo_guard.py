@@ -68,7 +68,7 @@ def rollout_mean(sampler, traj: Trajectory, j: int) -> torch.Tensor:
 def guard_loss(
     log_prob: torch.Tensor, old_log_prob: torch.Tensor, advantages: torch.Tensor, clip_range: float,
     mean: torch.Tensor, old_mean: torch.Tensor, std: torch.Tensor, dt: torch.Tensor | None, reduction: str = "mean",
-    ref_mean: torch.Tensor | None = None, kl_beta: float = 0.0,
+    ref_mean: torch.Tensor | None = None, kl_beta: float = 0.0, kl_std: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """RatioNorm clipped-ratio loss of one step (module docstring), plus beta * KL to the reference.
 
@@ -95,7 +95,8 @@ def guard_loss(
     pg_loss = per_sample.mean()
     kl = torch.zeros((), device=log_prob.device)
     if kl_beta > 0:
-        kl = (((mean - ref_mean) ** 2).flatten(1).mean(1) / (2 * std**2)).mean()
+        scale = std if kl_std is None else kl_std  # the KL's scale (algorithm.kl_convention), as in grpo_loss
+        kl = (((mean - ref_mean) ** 2).flatten(1).mean(1) / (2 * scale**2)).mean()
     stats = {
         "pg_loss": pg_loss.detach(),
         "kl": kl.detach(),
@@ -127,7 +128,7 @@ class GRPOGuard:
         return self.cfg.kl_beta > 0
 
     def micro_steps(self, n_chunks: int, n_stochastic: int) -> int:
-        return n_chunks * n_train_steps(self.cfg.timestep_fraction, n_stochastic)
+        return n_chunks * n_train_steps(self.cfg.timestep_fraction, n_stochastic, self.cfg.timestep_selection)
 
     def rollout_weights(self, policy):
         return nullcontext()
@@ -142,9 +143,9 @@ class GRPOGuard:
                 old_mean = rollout_mean(sampler, traj, j)
             dt = (traj.sigmas[:, j] - traj.sigmas[:, j + 1]).float() if c.step_reweight else None
             return guard_loss(log_prob, old_log_prob, a, c.clip_range, mean, old_mean, std, dt,
-                              sampler.log_prob_reduction, ref_mean, c.kl_beta)
+                              sampler.log_prob_reduction, ref_mean, c.kl_beta, sampler.kl_std(traj, j, std, c.kl_convention))
 
-        ratio_updates(batch, ctx, adv, c.inner_epochs, c.timestep_fraction, c.kl_beta, step_loss)
+        ratio_updates(batch, ctx, adv, c.inner_epochs, c.timestep_fraction, c.kl_beta, step_loss, c.timestep_selection)
         return {f"train/{k}": v for k, v in agg_stats.items()}
 
     def after_update(self, policy) -> None:
