@@ -460,3 +460,27 @@ def test_relaunching_a_finished_run_with_a_damaged_checkpoint_loses_nothing(tmp_
     assert all(after[p] == before[p] for p in before if p in after)  # metrics, summary, config untouched
     aside = run / "checkpoints" / "step_000001.corrupt"
     assert (aside / "policy.safetensors").read_bytes() == before[policy]  # the damaged one is kept, aside
+
+
+@pytest.mark.slow  # two short jobs, about 70 s: run with `make test-all`
+def test_a_job_whose_newest_checkpoint_is_corrupted_resumes_from_the_previous_one(tmp_path):
+    """The real trainer, end to end: two steps saved at each; the newest policy.safetensors is
+    corrupted without changing its size; the relaunch warns, falls back to step 1, trains step 2 again
+    and ends with the same metrics as the first run (every step is a pure function of seed and step)."""
+    run_dir = tmp_path / "run"
+    steps = ["train.steps=2", "train.save_every=1", "train.keep_last=2"]
+    first = subprocess.run([sys.executable, "-m", "launch.train", f"run_dir={run_dir}", *SMALL, *steps], cwd=ROOT,
+                           env=job_env(), capture_output=True, text=True, timeout=600)
+    assert first.returncode == 0, first.stderr[-3000:]
+    rows = (run_dir / "metrics.jsonl").read_text().splitlines()
+    _flip_a_byte(run_dir / "checkpoints" / "step_000002" / "policy.safetensors", at=-100)
+    # summary.json stays: a finished run is verified too before "already complete" could be said.
+    again = subprocess.run([sys.executable, "-m", "launch.train", f"run_dir={run_dir}", *SMALL, *steps], cwd=ROOT,
+                           env=job_env(), capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "WARNING: checkpoint step_000002:" in again.stdout and "checksum" in again.stdout
+    assert "resuming" in again.stdout and "from step_000001" in again.stdout
+    strip = lambda lines: [{k: v for k, v in json.loads(x).items() if not k.startswith(("time/", "throughput/"))}
+                           for x in lines]
+    assert strip((run_dir / "metrics.jsonl").read_text().splitlines()) == strip(rows)
+    assert (run_dir / "checkpoints" / "step_000002.corrupt").is_dir()
